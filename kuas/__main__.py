@@ -1,0 +1,5 @@
+import sys
+
+from kuas.cli import main
+
+sys.exit(main())
