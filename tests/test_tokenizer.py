@@ -57,9 +57,11 @@ def _varied_texts() -> list[str]:
     scripts = [(0x4E00, 0x9FFF), (0x3040, 0x30FF), (0xAC00, 0xD7A3), (0x0400, 0x04FF), (0x0600, 0x06FF),
                (0x0370, 0x03FF), (0x05D0, 0x05EA), (0x0900, 0x097F), (0x0E00, 0x0E7F)]
     emoji = ["😀", "🐱", "🔥", "❤️", "👍🏽", "👋🏿", "👨‍👩‍👧‍👦", "🏳️‍🌈", "🇯🇵", "🧑🏻‍🎨", "✨", "☕", "👩🏾‍🚀", "🫠"]
-    spaces = [" ", "  ", "\t", "\n", "\r\n", " \t \n ", "\u00a0", "\u2003", "\u3000", "\u200b", "\x85", "\x0b\x0c"]
+    spaces = [" ", "  ", "\t", "\n", "\r\n", " \t \n ", "\u00a0", "\u2003", "\u3000", "\u200b", "\x85",
+              "\x0b\x0c"]
     entities = ["&amp;", "&lt;", "&gt;", "&quot;", "&#39;", "&nbsp;", "&amp;amp;", "&eacute;", "&#x1F600;"]
-    a1111 = ["(masterpiece:1.2)", "((best quality))", "[blurry]", "[cat|dog]", "[from:to:0.5]", "<lora:detail:0.8>",
+    a1111 = ["(masterpiece:1.2)", "((best quality))", "[blurry]", "[cat|dog]", "[from:to:0.5]",
+             "<lora:detail:0.8>",
              "<hypernet:x:1>", "\\(escaped\\)", "AND", "BREAK", "(red:1.1) AND (blue:0.9)", "a:b|c<d>e\\f"]
     specials = ["<|endoftext|>", "<|startoftext|>", "<|ENDOFTEXT|>", "x<|endoftext|>y", "<|endoftext", "|>"]
 

@@ -15,4 +15,12 @@ from kuas.tokenizer.clip import (
     read_merges,
 )
 
-__all__ = ["BOS_TOKEN", "CONTEXT_LENGTH", "EOS_TOKEN", "WORD_END", "CLIPTokenizer", "byte_alphabet", "read_merges"]
+__all__ = [
+    "BOS_TOKEN",
+    "CONTEXT_LENGTH",
+    "EOS_TOKEN",
+    "WORD_END",
+    "CLIPTokenizer",
+    "byte_alphabet",
+    "read_merges",
+]

@@ -101,7 +101,7 @@ def _parse_merges(lines: Iterable[str], count: int, where: str) -> list[tuple[st
     """Read the header line, then `count` lines of two space-separated symbols."""
     it = iter(lines)
     header = next(it, "")
-    # OpenAI's file starts '"bpe_simple_vocab_16e6.txt#version: 0.2', a transformers merges.txt '#version: 0.2'.
+    # OpenAI's file starts '"bpe_simple_vocab_16e6.txt#version: 0.2', a merges.txt '#version: 0.2'.
     if "#version" not in header:
         raise CheckpointError(where, f"not a BPE merges file: the first line is {header[:40]!r}, expected a "
                                      "'#version: ...' header")
@@ -128,7 +128,8 @@ def _read_packaged_merges() -> list[tuple[str, str]]:
             lines = (line.decode("utf-8") for line in unzipped)
             return _parse_merges(lines, CLIP_MERGE_COUNT, where)
     except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise CheckpointError(where, f"kuas' packaged CLIP vocabulary cannot be read ({e}); reinstall kuas") from e
+        problem = f"kuas' packaged CLIP vocabulary cannot be read ({e}); reinstall kuas"
+        raise CheckpointError(where, problem) from e
 
 
 class CLIPTokenizer:
@@ -152,8 +153,8 @@ class CLIPTokenizer:
         tokens += [BOS_TOKEN, EOS_TOKEN]
         ids = {token: i for i, token in enumerate(tokens)}
         if len(ids) != len(tokens):
-            raise InvalidInputError(f"the {len(merges)} merge rules produce {len(tokens) - len(ids)} duplicate "
-                                    "tokens; pass the rules of one BPE vocabulary, each once")
+            raise InvalidInputError(f"the {len(merges)} merge rules produce {len(tokens) - len(ids)} "
+                                    "duplicate tokens; pass the rules of one BPE vocabulary, each once")
         self._tokens = tokens
         self._ids = ids
         self._bos = ids[BOS_TOKEN]
@@ -220,7 +221,8 @@ class CLIPTokenizer:
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary entry of an id."""
         if not 0 <= token_id < len(self._tokens):
-            raise InvalidInputError(f"token id {token_id} is outside the vocabulary (0..{len(self._tokens) - 1})")
+            last = len(self._tokens) - 1
+            raise InvalidInputError(f"token id {token_id} is outside the vocabulary (0..{last})")
         return self._tokens[token_id]
 
     def encode(self, text: str) -> list[int]:
@@ -248,8 +250,8 @@ class CLIPTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise InvalidInputError(f"max_length={max_length!r}: it must be an int >= 2 (BOS and EOS need room); "
-                                    f"CLIP text encoders take {CONTEXT_LENGTH}")
+            raise InvalidInputError(f"max_length={max_length!r}: it must be an int >= 2 (BOS and EOS need "
+                                    f"room); CLIP text encoders take {CONTEXT_LENGTH}")
         pad_id = self._pad_id(pad_with)
         room = max_length - 2
         rows = self.encode_batch(texts)
