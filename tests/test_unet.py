@@ -134,7 +134,8 @@ def test_parity_with_diffusers(cfg: UNetConfig, size: tuple[int, int]):
     y = None
     if cfg.num_classes == "sequential":
         pooled = torch.randn(2, POOLED_TINY, generator=gen)
-        time_ids = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0], [512.0, 512.0, 8.0, 0.0, 768.0, 640.0]])
+        time_ids = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0],
+                                 [512.0, 512.0, 8.0, 0.0, 768.0, 640.0]])
         y = sdxl_vector_conditioning(pooled, time_ids[:, 0:2], time_ids[:, 2:4], time_ids[:, 4:6])
         # What diffusers builds from text_embeds + time_ids inside its forward.
         time_embeds = ref.add_time_proj(time_ids.flatten()).reshape(2, -1)
@@ -232,20 +233,21 @@ def test_config_dict_round_trip_and_yaml():
         text = json.dumps(cfg.to_dict())
         assert UNetConfig.from_dict(json.loads(text)) == cfg
     # The official yaml params map onto the presets.
-    v1 = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
-              num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
-              transformer_depth=1, context_dim=768, use_checkpoint=True, legacy=False)
+    v1 = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320,
+              attention_resolutions=[4, 2, 1], num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8,
+              use_spatial_transformer=True, transformer_depth=1, context_dim=768, use_checkpoint=True,
+              legacy=False)
     assert UNetConfig.from_dict(v1) == SD1_UNET
     v2 = dict(use_checkpoint=True, use_fp16=True, image_size=32, in_channels=4, out_channels=4,
-              model_channels=320, attention_resolutions=[4, 2, 1], num_res_blocks=2, channel_mult=[1, 2, 4, 4],
-              num_head_channels=64, use_spatial_transformer=True, use_linear_in_transformer=True,
-              transformer_depth=1, context_dim=1024, legacy=False)
+              model_channels=320, attention_resolutions=[4, 2, 1], num_res_blocks=2,
+              channel_mult=[1, 2, 4, 4], num_head_channels=64, use_spatial_transformer=True,
+              use_linear_in_transformer=True, transformer_depth=1, context_dim=1024, legacy=False)
     assert UNetConfig.from_dict(v2) == SD2_UNET
-    xl = dict(adm_in_channels=2816, num_classes="sequential", use_checkpoint=True, in_channels=4, out_channels=4,
-              model_channels=320, attention_resolutions=[4, 2], num_res_blocks=2, channel_mult=[1, 2, 4],
-              num_head_channels=64, use_spatial_transformer=True, use_linear_in_transformer=True,
-              transformer_depth=[1, 2, 10], context_dim=2048, spatial_transformer_attn_type="softmax-xformers",
-              legacy=False)
+    xl = dict(adm_in_channels=2816, num_classes="sequential", use_checkpoint=True, in_channels=4,
+              out_channels=4, model_channels=320, attention_resolutions=[4, 2], num_res_blocks=2,
+              channel_mult=[1, 2, 4], num_head_channels=64, use_spatial_transformer=True,
+              use_linear_in_transformer=True, transformer_depth=[1, 2, 10], context_dim=2048,
+              spatial_transformer_attn_type="softmax-xformers", legacy=False)
     assert UNetConfig.from_dict(xl) == SDXL_UNET
     refiner = dict(adm_in_channels=2560, num_classes="sequential", use_checkpoint=True, in_channels=4,
                    out_channels=4, model_channels=384, attention_resolutions=[4, 2], num_res_blocks=2,
@@ -253,6 +255,9 @@ def test_config_dict_round_trip_and_yaml():
                    transformer_depth=4, context_dim=[1280, 1280, 1280, 1280],
                    spatial_transformer_attn_type="softmax-xformers")
     assert UNetConfig.from_dict(refiner) == SDXL_REFINER_UNET
+    assert UNetConfig.from_dict({**v1, "disable_self_attentions": [False] * 4}) == SD1_UNET
+    with pytest.raises(InvalidInputError, match="disable_self_attentions"):
+        UNetConfig.from_dict({**v1, "disable_self_attentions": [True] * 4})
     with pytest.raises(InvalidInputError, match="use_scale_shift_norm"):
         UNetConfig.from_dict({**v1, "use_scale_shift_norm": True})
     with pytest.raises(InvalidInputError, match="norm_num_groups"):
@@ -289,13 +294,16 @@ def _inputs(cfg: UNetConfig, batch: int = 2, size: int = 16):
     return x, torch.tensor([500.0, 3.0][:batch]), ctx
 
 
-# Tolerances relative to the fp32 output's RMS: (max abs error, RMS error). Measured on this tiny model:
-# bf16 0.066 / 0.019 (diffusers in bf16: 0.071 / 0.019), fp16 0.008 / 0.0024 (diffusers: 0.042 / 0.010).
-@pytest.mark.parametrize("dtype, max_tol, rms_tol", [(torch.bfloat16, 0.1, 0.03), (torch.float16, 0.02, 0.005)])
+# Tolerances relative to the fp32 output's RMS: (max abs error, RMS error). Measured on this tiny model (CPU,
+# two weight seeds): bf16 0.061-0.075 / 0.020 (diffusers in bf16: 0.061-0.086 / 0.021), fp16 0.008-0.010 /
+# 0.0027 (diffusers in fp16: 0.009-0.011 / 0.0029).
+@pytest.mark.parametrize(
+    "dtype, max_tol, rms_tol", [(torch.bfloat16, 0.15, 0.04), (torch.float16, 0.03, 0.006)]
+)
 def test_low_precision_close_to_fp32(dtype: torch.dtype, max_tol: float, rms_tol: float):
     model = UNetModel(SD21_TINY).eval()
     randomize_(model)
-    x, t, ctx = _inputs(SD21_TINY)
+    x, t, ctx = _inputs(SD21_TINY, size=8)
     with torch.no_grad():
         ref = model(x, t, ctx)
         low = model.to(dtype)(x, t, ctx)
@@ -370,7 +378,8 @@ def test_gradient_checkpointing_same_gradients(cfg: UNetConfig):
     randomize_(model)
     x, t, ctx = _inputs(cfg, size=8)
     y = torch.tensor([1, 7]) if cfg.num_classes == 10 else None
-    weight = torch.randn(x.shape[0], cfg.out_channels, *x.shape[2:], generator=torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(x.shape[0], cfg.out_channels, *x.shape[2:], generator=gen)
 
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         model.gradient_checkpointing = checkpointing
@@ -382,7 +391,12 @@ def test_gradient_checkpointing_same_gradients(cfg: UNetConfig):
         out["<input>"] = xin.grad.clone()
         return out
 
-    plain, ckpt = grads(False), grads(True)
+    calls = []
+    hook = model.middle_block.register_forward_pre_hook(lambda m, args: calls.append(1))
+    plain, n_plain = grads(False), len(calls)
+    ckpt, n_ckpt = grads(True), len(calls) - n_plain
+    hook.remove()
+    assert (n_plain, n_ckpt) == (1, 2)  # checkpointing really recomputes the block in backward
     assert plain["out.2.weight"].abs().max() > 0
     for name in plain:
         assert torch.allclose(plain[name], ckpt[name], atol=1e-6, rtol=1e-5), name
@@ -397,3 +411,16 @@ def test_forward_input_errors():
         model(x, t, torch.randn(2, 5, 768), y=torch.zeros(2, SDXL_TINY.adm_in_channels))
     with pytest.raises(InvalidInputError, match="input"):
         model(x[:, :3], t, ctx, y=torch.zeros(2, SDXL_TINY.adm_in_channels))
+
+
+def test_channels_last_and_scalar_timestep():
+    model = UNetModel(SD21_TINY).eval()
+    randomize_(model)
+    x, _, ctx = _inputs(SD21_TINY, size=8)
+    with torch.no_grad():
+        ref = model(x, torch.tensor([250.0, 250.0]), ctx)
+        scalar = model(x, 250.0, ctx)
+        model.to(memory_format=torch.channels_last)
+        cl = model(x.to(memory_format=torch.channels_last), torch.tensor(250), ctx)
+    assert torch.equal(scalar, ref)
+    assert torch.allclose(cl, ref, atol=1e-5)

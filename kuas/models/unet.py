@@ -88,9 +88,9 @@ class UNetConfig:
     """Shape of a U-Net; field names follow the reference yaml ``unet_config.params``.
 
     The config is stored in a canonical form so that equal networks compare equal (and `infer_unet_config`
-    returns exactly the preset): ``attention_resolutions`` is a sorted-descending tuple of the levels' down
-    factors (``2**level``) that have a transformer; ``transformer_depth`` is a per-level tuple with 0 at levels
-    without attention; ``transformer_depth_middle`` defaults to the last level's depth as in sgm;
+    returns exactly the preset): ``attention_resolutions`` is a sorted-descending tuple of the levels'
+    down factors (``2**level``) that have a transformer; ``transformer_depth`` is a per-level tuple with 0
+    at levels without attention; ``transformer_depth_middle`` defaults to the last level's depth as in sgm;
     ``num_res_blocks`` is an int when uniform; ``context_dim`` is one int; ``num_heads`` is -1 when
     ``num_head_channels`` is set (it then wins, as in the original).
 
@@ -122,7 +122,9 @@ class UNetConfig:
 
         mult = tuple(int(m) for m in self.channel_mult)
         if not mult or any(m <= 0 for m in mult):
-            raise InvalidInputError(f"UNetConfig.channel_mult must be positive ints, got {self.channel_mult!r}")
+            raise InvalidInputError(
+                f"UNetConfig.channel_mult must be positive ints, got {self.channel_mult!r}"
+            )
         put("channel_mult", mult)
         levels = len(mult)
         for name in ("in_channels", "out_channels", "model_channels", "norm_num_groups"):
@@ -132,18 +134,23 @@ class UNetConfig:
 
         res = _as_int_tuple(self.num_res_blocks, levels, "num_res_blocks")
         if any(r <= 0 for r in res):
-            raise InvalidInputError(f"UNetConfig.num_res_blocks must be >= 1 per level, got {self.num_res_blocks!r}")
+            raise InvalidInputError(
+                f"UNetConfig.num_res_blocks must be >= 1 per level, got {self.num_res_blocks!r}"
+            )
         put("num_res_blocks", res[0] if len(set(res)) == 1 else res)
 
         raw_depth = _as_int_tuple(self.transformer_depth, levels, "transformer_depth")
-        middle = raw_depth[-1] if self.transformer_depth_middle is None else int(self.transformer_depth_middle)
+        middle = raw_depth[-1]
+        if self.transformer_depth_middle is not None:
+            middle = int(self.transformer_depth_middle)
         if middle < 0 or any(d < 0 for d in raw_depth):
             raise InvalidInputError("UNetConfig.transformer_depth values must be >= 0")
         attn = {int(r) for r in self.attention_resolutions}
         depth = tuple(d if (2**level) in attn else 0 for level, d in enumerate(raw_depth))
         put("transformer_depth", depth)
         put("transformer_depth_middle", middle)
-        put("attention_resolutions", tuple(sorted((2**lv for lv, d in enumerate(depth) if d > 0), reverse=True)))
+        with_attention = (2**level for level, d in enumerate(depth) if d > 0)
+        put("attention_resolutions", tuple(sorted(with_attention, reverse=True)))
 
         ctx = self.context_dim
         if ctx is None:
@@ -153,7 +160,9 @@ class UNetConfig:
         if not isinstance(ctx, int):
             dims = {int(c) for c in ctx}
             if len(dims) != 1:
-                raise InvalidInputError(f"UNetConfig.context_dim must be one width for all levels, got {ctx!r}")
+                raise InvalidInputError(
+                    f"UNetConfig.context_dim must be one width for all levels, got {ctx!r}"
+                )
             ctx = dims.pop()
         put("context_dim", int(ctx))
         put("use_linear_in_transformer", bool(self.use_linear_in_transformer))
@@ -167,14 +176,16 @@ class UNetConfig:
         if self.num_head_channels > 0:
             put("num_heads", -1)
         elif self.num_heads <= 0:
-            raise InvalidInputError("UNetConfig needs num_heads > 0 or num_head_channels > 0 (SD1: num_heads=8; "
-                                    "SD2/SDXL: num_head_channels=64)")
+            raise InvalidInputError(
+                "UNetConfig needs num_heads > 0 or num_head_channels > 0 "
+                "(SD1: num_heads=8; SD2/SDXL: num_head_channels=64)"
+            )
         widths = [self.model_channels * m for m in mult]
         for w in widths:
             if w % self.norm_num_groups:
                 raise InvalidInputError(
-                    f"UNetConfig.norm_num_groups={self.norm_num_groups} does not divide the channel count {w}; "
-                    f"choose model_channels a multiple of norm_num_groups"
+                    f"UNetConfig.norm_num_groups={self.norm_num_groups} does not divide the channel count "
+                    f"{w}; choose model_channels a multiple of norm_num_groups"
                 )
         for level in range(levels):
             if depth[level] > 0 or (level == levels - 1 and middle > 0):
@@ -182,12 +193,15 @@ class UNetConfig:
 
         if self.num_classes == "sequential":
             if not self.adm_in_channels or self.adm_in_channels <= 0:
-                raise InvalidInputError('UNetConfig.num_classes="sequential" needs adm_in_channels (2816 for SDXL)')
+                raise InvalidInputError(
+                    'UNetConfig.num_classes="sequential" needs adm_in_channels (2816 for SDXL)'
+                )
             put("adm_in_channels", int(self.adm_in_channels))
         elif self.num_classes is not None:
             if isinstance(self.num_classes, str) or int(self.num_classes) <= 0:
                 raise InvalidInputError(
-                    f'UNetConfig.num_classes must be None, "sequential" or a positive int, got {self.num_classes!r}'
+                    'UNetConfig.num_classes must be None, "sequential" or a positive int, '
+                    f"got {self.num_classes!r}"
                 )
             put("num_classes", int(self.num_classes))
         put("dropout", float(self.dropout))
@@ -207,11 +221,14 @@ class UNetConfig:
         if self.num_head_channels > 0:
             if channels % self.num_head_channels:
                 raise InvalidInputError(
-                    f"UNetConfig.num_head_channels={self.num_head_channels} does not divide {channels} channels"
+                    f"UNetConfig.num_head_channels={self.num_head_channels} does not divide "
+                    f"{channels} channels"
                 )
             return channels // self.num_head_channels, self.num_head_channels
         if channels % self.num_heads:
-            raise InvalidInputError(f"UNetConfig.num_heads={self.num_heads} does not divide {channels} channels")
+            raise InvalidInputError(
+                f"UNetConfig.num_heads={self.num_heads} does not divide {channels} channels"
+            )
         return self.num_heads, channels // self.num_heads
 
     def skip_channels(self) -> tuple[int, ...]:
@@ -249,9 +266,11 @@ class UNetConfig:
             elif key in _IGNORED_YAML_KEYS:
                 continue
             elif key in _REQUIRED_YAML_VALUES:
-                if bool(value) != bool(_REQUIRED_YAML_VALUES[key]):
+                truthy = any(value) if isinstance(value, (list, tuple)) else bool(value)
+                if truthy != bool(_REQUIRED_YAML_VALUES[key]):
                     raise InvalidInputError(
-                        f"U-Net option {key}={value!r} is not supported by kuas (only {_REQUIRED_YAML_VALUES[key]!r})"
+                        f"U-Net option {key}={value!r} is not supported by kuas "
+                        f"(only {_REQUIRED_YAML_VALUES[key]!r})"
                     )
             else:
                 raise InvalidInputError(f"unknown U-Net config field {key!r}; known fields: {sorted(names)}")
@@ -273,8 +292,8 @@ SD2_INPAINT_UNET = dataclasses.replace(SD2_UNET, in_channels=9)
 SD2_DEPTH_UNET = dataclasses.replace(SD2_UNET, in_channels=5)
 SDXL_UNET = UNetConfig(
     in_channels=4, out_channels=4, model_channels=320, attention_resolutions=(4, 2), num_res_blocks=2,
-    channel_mult=(1, 2, 4), num_heads=-1, num_head_channels=64, transformer_depth=(1, 2, 10), context_dim=2048,
-    use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=2816,
+    channel_mult=(1, 2, 4), num_heads=-1, num_head_channels=64, transformer_depth=(1, 2, 10),
+    context_dim=2048, use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=2816,
 )
 SDXL_REFINER_UNET = UNetConfig(
     in_channels=4, out_channels=4, model_channels=384, attention_resolutions=(4, 2), num_res_blocks=2,
@@ -333,7 +352,8 @@ def sdxl_vector_conditioning(
     """
     if (target_size is None) == (aesthetic_score is None):
         raise InvalidInputError(
-            "sdxl_vector_conditioning needs exactly one of target_size (SDXL base) or aesthetic_score (refiner)"
+            "sdxl_vector_conditioning needs exactly one of target_size (SDXL base) "
+            "or aesthetic_score (refiner)"
         )
     batch, device = pooled.shape[0], pooled.device
     values = [_pairs(original_size, batch, device, "original_size"),
@@ -418,7 +438,8 @@ class Upsample(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention of x (B, N, query_dim) over context (B, M, context_dim), or over x itself."""
 
-    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, dropout: float, **fk: Any):
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, dropout: float,
+                 **fk: Any):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
@@ -454,7 +475,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, dropout: float, **fk: Any):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * 4, **fk), nn.Dropout(dropout), nn.Linear(dim * 4, dim, **fk))
+        self.net = nn.Sequential(
+            GEGLU(dim, dim * 4, **fk), nn.Dropout(dropout), nn.Linear(dim * 4, dim, **fk)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -524,7 +547,8 @@ class TimestepBlock(nn.Sequential):
     """One ``input_blocks.k`` / ``middle_block`` / ``output_blocks.k`` entry: routes the time embedding to
     ResBlocks, the context to transformers and the skip's size to the Upsample."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None, size: Sequence[int] | None = None) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None,
+                size: Sequence[int] | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -564,7 +588,9 @@ class UNetModel(nn.Module):
         mc, groups, drop = config.model_channels, config.norm_num_groups, config.dropout
         emb_dim = mc * 4
 
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim, **fk), nn.SiLU(), nn.Linear(emb_dim, emb_dim, **fk))
+        self.time_embed = nn.Sequential(
+            nn.Linear(mc, emb_dim, **fk), nn.SiLU(), nn.Linear(emb_dim, emb_dim, **fk)
+        )
         self.label_emb: nn.Module | None = None
         if config.num_classes == "sequential":
             assert config.adm_in_channels is not None
@@ -580,7 +606,8 @@ class UNetModel(nn.Module):
                                       config.use_linear_in_transformer, groups, **fk)
 
         res_per_level = config.res_blocks_per_level()
-        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(config.in_channels, mc, 3, padding=1, **fk))])
+        conv_in = nn.Conv2d(config.in_channels, mc, 3, padding=1, **fk)
+        self.input_blocks = nn.ModuleList([TimestepBlock(conv_in)])
         skip_chans = [mc]
         ch = mc
         for level, mult in enumerate(config.channel_mult):
@@ -666,13 +693,15 @@ class UNetModel(nn.Module):
             else:
                 emb = emb + self.label_emb(y.long())
         elif y is not None:
-            raise InvalidInputError("y was given but this U-Net has no vector/class conditioning (num_classes=None)")
+            raise InvalidInputError(
+                "y was given but this U-Net has no vector/class conditioning (num_classes=None)"
+            )
 
         if context is None:
             raise InvalidInputError(f"context (B, tokens, {cfg.context_dim}) is required")
-        if context.ndim != 3 or context.shape[-1] != cfg.context_dim:
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[-1] != cfg.context_dim:
             raise InvalidInputError(
-                f"context must be (B, tokens, {cfg.context_dim}), got {tuple(context.shape)}"
+                f"context must be ({batch}, tokens, {cfg.context_dim}), got {tuple(context.shape)}"
             )
         context = context.to(dtype)
 
@@ -722,8 +751,8 @@ def infer_unet_config(state_dict: Mapping[str, Any], prefix: str = "", **overrid
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in keys:
-            raise CheckpointError(path, f"U-Net key {prefix + key!r} is missing; is the prefix {prefix!r} right "
-                                        f"(single-file checkpoints use 'model.diffusion_model.')?")
+            raise CheckpointError(path, f"U-Net key {prefix + key!r} is missing; is the prefix {prefix!r} "
+                                        f"right (single-file checkpoints use 'model.diffusion_model.')?")
         return tuple(state_dict[prefix + key].shape)
 
     conv_in = shape("input_blocks.0.0.weight")
@@ -758,8 +787,8 @@ def infer_unet_config(state_dict: Mapping[str, Any], prefix: str = "", **overrid
             break
         i += 1
     if len(mults) != len(res_blocks) or 0 in res_blocks:
-        raise CheckpointError(path, f"cannot read the U-Net levels from {prefix}input_blocks.*; the file may be "
-                                    f"truncated or of an unsupported architecture")
+        raise CheckpointError(path, f"cannot read the U-Net levels from {prefix}input_blocks.*; the file "
+                                    f"may be truncated or of an unsupported architecture")
     if any(len(d) != 1 for d in depths):
         raise CheckpointError(path, "U-Net levels mix blocks with and without (or of different depth) "
                                     "transformers; this variant is not supported")
@@ -772,8 +801,8 @@ def infer_unet_config(state_dict: Mapping[str, Any], prefix: str = "", **overrid
     elif "middle_block.1.in_layers.2.weight" not in keys:
         raise CheckpointError(path, f"U-Net key {prefix}middle_block.1.* is missing")
     if len(context_dims) > 1 or len(linear_flags) > 1:
-        raise CheckpointError(path, f"U-Net transformers disagree on context width {sorted(context_dims)} or on "
-                                    f"linear/conv projections; not supported")
+        raise CheckpointError(path, f"U-Net transformers disagree on context width {sorted(context_dims)} "
+                                    f"or on linear/conv projections; not supported")
     context_dim = context_dims.pop() if context_dims else 768
     linear = linear_flags.pop() if linear_flags else False
 
