@@ -20,7 +20,6 @@ size/crop conditioning (see `sdxl_vector_conditioning`).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,8 +46,6 @@ __all__ = [
     "sdxl_vector_conditioning",
     "timestep_embedding",
 ]
-
-logger = logging.getLogger(__name__)
 
 # Keys of the reference yaml `unet_config.params` that describe training/runtime choices, not the weights.
 _IGNORED_YAML_KEYS = frozenset(
