@@ -348,3 +348,269 @@ def test_dpmpp_2s_ancestral_without_noise_matches_diffusers_singlestep():
     ours = S.sample_dpmpp_2s_ancestral(EpsDenoiser(snapped, K.DiscreteSchedule(sched.alphas_cumprod)),
                                        _vp_start(sigmas), pairs, eta=0.0)
     assert (ours / math.sqrt(1 + float(pairs[-1]) ** 2) - x).abs().max() < 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# Convergence on Gaussian data, where the exact denoiser and the exact ODE solution are known
+# --------------------------------------------------------------------------------------------------
+
+MU, STD = 0.3, 0.5
+
+
+def gaussian_denoiser(x, sigma):
+    """E[x0 | x] for data N(MU, STD^2) noised to x = x0 + sigma * eps."""
+    return MU + STD**2 / (STD**2 + sigma.reshape(-1, 1) ** 2) * (x - MU)
+
+
+def gaussian_consistency(x, sigma):
+    """The exact probability-flow ODE map from sigma to 0 for the same data (a perfect consistency model)."""
+    return MU + (x - MU) * STD / torch.sqrt(STD**2 + sigma.reshape(-1, 1) ** 2)
+
+
+ODE_CASES = [
+    # (sampler, options, lower bound on the observed order of convergence)
+    (S.sample_euler, {}, 0.9),
+    (S.sample_ddim, {}, 0.9),
+    (S.sample_euler_ancestral, {"eta": 0.0}, 0.9),
+    (S.sample_heun, {}, 1.8),
+    (S.sample_dpm_2, {}, 1.8),
+    (S.sample_dpm_2_ancestral, {"eta": 0.0}, 1.8),
+    (S.sample_dpmpp_2m, {}, 1.8),
+    (S.sample_dpmpp_2s_ancestral, {"eta": 0.0}, 1.8),
+    (S.sample_dpmpp_sde, {"eta": 0.0}, 1.8),
+    (S.sample_dpmpp_2m_sde, {"eta": 0.0}, 1.8),
+    (S.sample_dpmpp_2m_sde, {"eta": 0.0, "solver_type": "heun"}, 1.8),
+    (S.sample_plms, {}, 1.8),
+    (S.sample_lms, {}, 3.0),
+    # Multistep methods of order 3 and more: their first-order warm-up step (and UniPC's lower-order final
+    # steps) each add an O(h^2) error, so the global order observed is 2; without the lower-order final steps
+    # UniPC-3 with its corrector shows order 4.
+    (S.sample_dpmpp_3m_sde, {"eta": 0.0}, 1.8),
+    (S.sample_unipc, {"variant": "bh1", "order": 3}, 1.8),
+    (S.sample_unipc, {"variant": "bh1", "order": 3, "lower_order_final": False}, 3.5),
+    (S.sample_unipc, {"variant": "bh2", "order": 2}, 2.4),
+]
+
+
+@pytest.mark.parametrize("fn, options, min_order", ODE_CASES,
+                         ids=[f"{fn.__name__}{options}" for fn, options, _ in ODE_CASES])
+@pytest.mark.parametrize("spacing", ["exponential", "karras"])
+def test_deterministic_samplers_converge_at_their_order(fn, options, min_order, spacing):
+    x_start = torch.linspace(-3, 3, 101, dtype=torch.float64).reshape(1, -1)
+    steps, errors = [32, 64, 128], []
+    for n in steps:
+        # integrate from sigma 10 to sigma 0.05 (no final jump to 0, whose error would not shrink with n)
+        make = K.get_sigmas_exponential if spacing == "exponential" else K.get_sigmas_karras
+        sigmas = make(n, 0.05, 10.0)[:-1].double()
+        s0, s1 = float(sigmas[0]), float(sigmas[-1])
+        x_t = MU + (x_start - MU) * math.sqrt(STD**2 + s0**2) / STD
+        exact = MU + (x_t - MU) * math.sqrt(STD**2 + s1**2) / math.sqrt(STD**2 + s0**2)
+        out = fn(gaussian_denoiser, x_t.clone(), sigmas, **options)
+        errors.append(float((out - exact).abs().max()))
+    order = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert order > min_order, (errors, order)
+    assert errors[-1] < 0.05
+
+
+STOCHASTIC_CASES = [
+    (S.sample_euler_ancestral, {}, 200, gaussian_denoiser),
+    (S.sample_ddim, {"eta": 1.0}, 200, gaussian_denoiser),
+    (S.sample_dpm_2_ancestral, {}, 50, gaussian_denoiser),
+    (S.sample_dpmpp_2s_ancestral, {}, 50, gaussian_denoiser),
+    (S.sample_dpmpp_sde, {}, 50, gaussian_denoiser),
+    (S.sample_dpmpp_2m_sde, {}, 50, gaussian_denoiser),
+    (S.sample_dpmpp_2m_sde, {"solver_type": "heun"}, 50, gaussian_denoiser),
+    (S.sample_dpmpp_3m_sde, {}, 50, gaussian_denoiser),
+    (S.sample_lcm, {}, 8, gaussian_consistency),
+]
+
+
+@pytest.mark.parametrize("fn, options, steps, denoiser", STOCHASTIC_CASES,
+                         ids=[f"{fn.__name__}{options}" for fn, options, _, _ in STOCHASTIC_CASES])
+def test_stochastic_samplers_sample_the_data_distribution(fn, options, steps, denoiser):
+    sigmas = K.get_sigmas_karras(steps, 0.01, 14.6).double()
+    z = torch.randn(1, 20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x_t = MU + z * math.sqrt(STD**2 + float(sigmas[0]) ** 2)
+    out = fn(denoiser, x_t, sigmas, generator=torch.Generator().manual_seed(1), **options)
+    assert abs(float(out.mean()) - MU) < 0.02
+    assert abs(float(out.std()) / STD - 1) < 0.03
+    # the same generator gives the same samples; another seed different ones
+    again = fn(denoiser, x_t, sigmas, generator=torch.Generator().manual_seed(1), **options)
+    other = fn(denoiser, x_t, sigmas, generator=torch.Generator().manual_seed(2), **options)
+    assert torch.equal(out, again)
+    assert (out - other).abs().max() > 1e-3
+
+
+def test_brownian_noise_is_standard_normal_consistent_and_batch_independent():
+    x = torch.zeros(2, 5000)
+    noise = S.BrownianNoiseSampler(x, 0.1, 10.0, seeds=[3, 4])
+    z = noise(5.0, 2.0)
+    assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1) < 0.05
+    assert torch.equal(z, noise(5.0, 2.0))  # no hidden state: the same query gives the same answer
+    # increments over adjacent intervals add up like a Brownian path's
+    whole = noise(5.0, 1.0) * math.sqrt(4.0)
+    parts = noise(5.0, 2.0) * math.sqrt(3.0) + noise(2.0, 1.0) * math.sqrt(1.0)
+    assert torch.allclose(whole, parts, atol=1e-5)
+    # disjoint intervals are independent
+    assert abs(float(torch.corrcoef(torch.stack([noise(5.0, 2.0)[0], noise(2.0, 1.0)[0]]))[0, 1])) < 0.05
+    # an item's noise depends only on its own seed, not on its batch position or neighbours
+    alone = S.BrownianNoiseSampler(torch.zeros(1, 5000), 0.1, 10.0, seeds=[4])
+    assert torch.equal(alone(5.0, 2.0)[0], z[1])
+
+
+def test_noise_is_drawn_on_the_generator_and_moved_to_x():
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    a = S.GaussianNoiseSampler(x, torch.Generator().manual_seed(0))(1.0, 0.5)
+    assert a.dtype == torch.float64
+    expected = torch.randn((2, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float32).double()
+    assert torch.equal(a, expected)
+    per_item = S.GaussianNoiseSampler(x, seeds=[10, 11])(1.0, 0.5)
+    single = S.GaussianNoiseSampler(x[:1], seeds=[11])(1.0, 0.5)
+    assert torch.equal(per_item[1], single[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry, the convenience `sample`, callbacks and interruption
+# --------------------------------------------------------------------------------------------------
+
+A1111_NAMES = {
+    # name or alias -> (sampler, schedule key with "Automatic")
+    "DPM++ 2M": ("DPM++ 2M", "karras"),
+    "DPM++ SDE": ("DPM++ SDE", "karras"),
+    "DPM++ 2M SDE": ("DPM++ 2M SDE", "exponential"),
+    "DPM++ 2M SDE Heun": ("DPM++ 2M SDE Heun", "exponential"),
+    "DPM++ 2S a": ("DPM++ 2S a", "karras"),
+    "DPM++ 3M SDE": ("DPM++ 3M SDE", "exponential"),
+    "Euler a": ("Euler a", "uniform"),
+    "Euler": ("Euler", "uniform"),
+    "LMS": ("LMS", "uniform"),
+    "Heun": ("Heun", "uniform"),
+    "DPM2": ("DPM2", "karras"),
+    "DPM2 a": ("DPM2 a", "karras"),
+    "DDIM": ("DDIM", "ddim"),
+    "PLMS": ("PLMS", "ddim"),
+    "UniPC": ("UniPC", "sgm_uniform"),
+    "LCM": ("LCM", "lcm"),
+    "k_euler_a": ("Euler a", "uniform"),
+    "k_euler_ancestral": ("Euler a", "uniform"),
+    "k_euler": ("Euler", "uniform"),
+    "k_lms": ("LMS", "uniform"),
+    "k_heun": ("Heun", "uniform"),
+    "k_dpm_2": ("DPM2", "karras"),
+    "k_dpm_2_a": ("DPM2 a", "karras"),
+    "k_dpmpp_2s_a": ("DPM++ 2S a", "karras"),
+    "k_dpmpp_2m": ("DPM++ 2M", "karras"),
+    "k_dpmpp_sde": ("DPM++ SDE", "karras"),
+    "k_dpmpp_2m_sde": ("DPM++ 2M SDE", "exponential"),
+    "k_dpmpp_2m_sde_heun": ("DPM++ 2M SDE Heun", "exponential"),
+    "k_dpmpp_3m_sde": ("DPM++ 3M SDE", "exponential"),
+    "k_lcm": ("LCM", "lcm"),
+    "ddim": ("DDIM", "ddim"),
+    "plms": ("PLMS", "ddim"),
+    "unipc": ("UniPC", "sgm_uniform"),
+    # legacy "<sampler> <schedule>" names and their k_*_ka / _exp aliases (A1111 < 1.9)
+    "DPM++ 2M Karras": ("DPM++ 2M", "karras"),
+    "DPM++ SDE Karras": ("DPM++ SDE", "karras"),
+    "DPM++ 2M SDE Karras": ("DPM++ 2M SDE", "karras"),
+    "DPM++ 2M SDE Exponential": ("DPM++ 2M SDE", "exponential"),
+    "DPM++ 2M SDE Heun Karras": ("DPM++ 2M SDE Heun", "karras"),
+    "DPM++ 3M SDE Karras": ("DPM++ 3M SDE", "karras"),
+    "DPM++ 2S a Karras": ("DPM++ 2S a", "karras"),
+    "LMS Karras": ("LMS", "karras"),
+    "DPM2 Karras": ("DPM2", "karras"),
+    "DPM2 a Karras": ("DPM2 a", "karras"),
+    "Euler a SGM Uniform": ("Euler a", "sgm_uniform"),
+    "Euler Align Your Steps": ("Euler", "align_your_steps"),
+    "k_lms_ka": ("LMS", "karras"),
+    "k_dpm_2_ka": ("DPM2", "karras"),
+    "k_dpm_2_a_ka": ("DPM2 a", "karras"),
+    "k_dpmpp_2s_a_ka": ("DPM++ 2S a", "karras"),
+    "k_dpmpp_2m_ka": ("DPM++ 2M", "karras"),
+    "k_dpmpp_sde_ka": ("DPM++ SDE", "karras"),
+    "k_dpmpp_2m_sde_ka": ("DPM++ 2M SDE", "karras"),
+    "k_dpmpp_2m_sde_heun_exp": ("DPM++ 2M SDE Heun", "exponential"),
+    "k_dpmpp_3m_sde_ka": ("DPM++ 3M SDE", "karras"),
+    # case and spacing
+    "euler A": ("Euler a", "uniform"),
+    "dpm++  2m   karras": ("DPM++ 2M", "karras"),
+}
+
+
+@pytest.mark.parametrize("name", list(A1111_NAMES))
+def test_every_a1111_name_and_alias_resolves(name):
+    spec, key = R.resolve_sampler(name)
+    assert (spec.name, key) == A1111_NAMES[name]
+    assert key in R.SCHEDULES
+
+
+def test_explicit_schedule_and_every_schedule_label_resolve():
+    for spec in R.SCHEDULES.values():
+        for label in (spec.label, spec.key, spec.label.upper(), *spec.aliases):
+            _, key = R.resolve_sampler("Euler", label)
+            assert key == ("uniform" if spec.key == "automatic" else spec.key)
+    assert R.resolve_sampler("DPM++ 2M", "Exponential")[1] == "exponential"
+    assert R.resolve_sampler("DPM++ 2M Karras", "Exponential")[1] == "karras"  # a suffix in the name wins
+
+
+def test_all_labels_and_aliases_are_unambiguous():
+    seen = {}
+    for spec in R.SAMPLERS.values():
+        for n in (spec.name, *spec.aliases):
+            key = R._norm(n)
+            assert seen.setdefault(key, spec.name) == spec.name
+
+
+@pytest.mark.parametrize("bad", ["Euler b", "DPM fast", "", "k_euler_b"])
+def test_unknown_sampler_raises_listing_valid_names(bad):
+    with pytest.raises(InvalidInputError) as err:
+        R.resolve_sampler(bad)
+    message = str(err.value)
+    assert "Euler a" in message and "k_dpmpp_2m" in message and "DPM++ 3M SDE" in message
+
+
+def test_unknown_schedule_raises_listing_valid_names():
+    with pytest.raises(InvalidInputError) as err:
+        R.resolve_sampler("Euler", "Karras-ish")
+    assert "Karras" in str(err.value) and "SGM Uniform" in str(err.value) and "Align Your Steps" in str(err.value)
+
+
+def test_sigmas_for_applies_discard_next_to_last_sigma():
+    schedule = K.DiscreteSchedule.sd()
+    dpm2 = R.sigmas_for("DPM2", "karras", 10, schedule)
+    plain = K.get_sigmas_karras(11, schedule.sigma_min, schedule.sigma_max)
+    assert len(dpm2) == 11 and torch.equal(dpm2, torch.cat([plain[:-2], plain[-1:]]))
+    euler = R.sigmas_for("Euler", "Automatic", 10, schedule)
+    assert torch.equal(euler, K.get_sigmas_uniform(10, schedule))
+    assert len(R.sigmas_for("DPM++ 3M SDE", "Automatic", 7, schedule)) == 8
+
+
+@pytest.mark.parametrize("name", R.sampler_names())
+def test_sample_runs_every_sampler_and_calls_back_once_per_step(name):
+    spec, key = R.resolve_sampler(name)
+    sigmas = R.sigmas_for(spec, key, 6, K.DiscreteSchedule.sd())
+    infos = []
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0)) * float(sigmas[0])
+    out = R.sample(gaussian_denoiser, x, sigmas, sampler=spec, generator=torch.Generator().manual_seed(1),
+                   callback=infos.append, disable=True)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert [info.i for info in infos] == list(range(len(sigmas) - 1))
+    assert all(info.total == len(sigmas) - 1 for info in infos)
+    assert [info.sigma for info in infos] == pytest.approx(sigmas[:-1].tolist())
+    assert all(info.denoised.shape == x.shape for info in infos)
+
+
+@pytest.mark.parametrize("how", ["raise", "return"])
+def test_callback_can_interrupt_sampling(how):
+    sigmas = K.get_sigmas_karras(10, 0.03, 14.6)
+    x = torch.randn(1, 8, generator=torch.Generator().manual_seed(0)) * 14.6
+
+    def stop_at_3(info):
+        if info.i == 3:
+            if how == "raise":
+                raise S.SamplingInterrupted()
+            return S.SamplingInterrupted
+
+    with pytest.raises(S.SamplingInterrupted) as err:
+        S.sample_dpmpp_2m(gaussian_denoiser, x, sigmas, callback=stop_at_3)
+    assert err.value.step == 3
+    assert torch.allclose(err.value.denoised, gaussian_denoiser(err.value.x, torch.tensor([float(sigmas[3])])))

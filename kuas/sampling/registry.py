@@ -159,8 +159,8 @@ def resolve_sampler(name: str, scheduler: str | None = "Automatic") -> tuple[Sam
     A schedule label at the end of the sampler name ("DPM++ 2M Karras", "Euler a exponential") wins over
     ``scheduler``, as in A1111. "Automatic" resolves to the sampler's default schedule key.
     """
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidInputError(f"sampler name must be a non-empty string, got {name!r}; valid: {', '.join(sampler_names())}")
+    if not isinstance(name, str):
+        raise InvalidInputError(f"sampler name must be a string, got {name!r}; valid: {', '.join(sampler_names())}")
     schedule = resolve_schedule(scheduler or "Automatic")
     key = _norm(name)
     spec = _SAMPLER_LOOKUP.get(key)
