@@ -614,3 +614,25 @@ def test_callback_can_interrupt_sampling(how):
         S.sample_dpmpp_2m(gaussian_denoiser, x, sigmas, callback=stop_at_3)
     assert err.value.step == 3
     assert torch.allclose(err.value.denoised, gaussian_denoiser(err.value.x, torch.tensor([float(sigmas[3])])))
+
+
+def test_cli_lists_samplers_aliases_and_schedules(capsys):
+    import argparse
+    import json
+
+    from kuas.cli import samplers as cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["samplers"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    for name in R.sampler_names():
+        assert f"  {name} " in text
+    assert "k_euler_a, k_euler_ancestral; Uniform" in text and "k_dpmpp_2m; Karras" in text
+    assert "SGM Uniform" in text and "sgm_uniform, SGMUniform" in text
+    args = parser.parse_args(["samplers", "--json"])
+    args.func(args)
+    data = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in data["samplers"]] == R.sampler_names()
+    assert [s["label"] for s in data["schedules"]] == R.schedule_labels()
