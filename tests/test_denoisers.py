@@ -57,8 +57,9 @@ def test_denoiser_accepts_a_float_sigma_and_keeps_x_dtype(sd):
 
 def test_v_denoiser_matches_diffusers_pred_original_sample(sd):
     diffusers = pytest.importorskip("diffusers")
-    sched = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                             prediction_type="v_prediction")
+    sched = diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction"
+    )
     sched.set_timesteps(5)
     x = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1)) * float(sched.sigmas[1])
     out = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(2))
@@ -92,7 +93,9 @@ class _Recorder:
 
     def __call__(self, x, sigma, context=None, y=None):
         self.batches.append(x.shape[0])
-        return x * 0.5 + context.mean(dim=(1, 2)).view(-1, 1, 1, 1) + (0 if y is None else y.view(-1, 1, 1, 1))
+        return (
+            x * 0.5 + context.mean(dim=(1, 2)).view(-1, 1, 1, 1) + (0 if y is None else y.view(-1, 1, 1, 1))
+        )
 
 
 def _conds(seed=0, tokens=(7, 7)):

@@ -16,7 +16,12 @@ from kuas.sampling.denoisers import EpsDenoiser
 
 diffusers = pytest.importorskip("diffusers")
 
-SD_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+SD_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+}
 SHAPE = (2, 4, 4, 4)
 
 
@@ -114,10 +119,16 @@ def test_euler_ancestral_matches_diffusers():
     sched = diffusers.EulerAncestralDiscreteScheduler(**SD_CONFIG)
     sched.set_timesteps(10)
     x_init = _noise() * sched.init_noise_sigma
-    ref = _run_diffusers(sched, model, x_init.clone(), step_kwargs={"generator": torch.Generator().manual_seed(5)})
+    ref = _run_diffusers(
+        sched, model, x_init.clone(), step_kwargs={"generator": torch.Generator().manual_seed(5)}
+    )
     # diffusers draws one noise per step from its generator: the same stream, in the same order
-    ours = S.sample_euler_ancestral(_denoiser(sched, model), x_init.clone(), _kuas_sigmas(sched),
-                                    generator=torch.Generator().manual_seed(5))
+    ours = S.sample_euler_ancestral(
+        _denoiser(sched, model),
+        x_init.clone(),
+        _kuas_sigmas(sched),
+        generator=torch.Generator().manual_seed(5),
+    )
     assert (ours - ref).abs().max() < 1e-4
 
 
@@ -126,9 +137,15 @@ def test_dpm2_ancestral_matches_diffusers():
     sched = diffusers.KDPM2AncestralDiscreteScheduler(**SD_CONFIG)
     sched.set_timesteps(10)
     x_init = _noise() * sched.init_noise_sigma
-    ref = _run_diffusers(sched, model, x_init.clone(), step_kwargs={"generator": torch.Generator().manual_seed(5)})
-    ours = S.sample_dpm_2_ancestral(_denoiser(sched, model), x_init.clone(), _kuas_sigmas(sched),
-                                    generator=torch.Generator().manual_seed(5))
+    ref = _run_diffusers(
+        sched, model, x_init.clone(), step_kwargs={"generator": torch.Generator().manual_seed(5)}
+    )
+    ours = S.sample_dpm_2_ancestral(
+        _denoiser(sched, model),
+        x_init.clone(),
+        _kuas_sigmas(sched),
+        generator=torch.Generator().manual_seed(5),
+    )
     assert (ours - ref).abs().max() < 1e-4
 
 
@@ -184,29 +201,33 @@ def _vp_start(sigmas):
 @pytest.mark.parametrize("karras", [False, True])
 def test_dpmpp_2m_matches_diffusers_multistep(karras):
     model = TinyEps()
-    sched = diffusers.DPMSolverMultistepScheduler(**SD_CONFIG, algorithm_type="dpmsolver++", solver_order=2,
-                                                  use_karras_sigmas=karras)
+    sched = diffusers.DPMSolverMultistepScheduler(
+        **SD_CONFIG, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=karras
+    )
     sched.set_timesteps(10)
     ref = _run_diffusers(sched, model, _noise())
     sigmas = sched.sigmas.float()
     # with Karras sigmas diffusers feeds the model round(t(sigma)); do the same so that only the solver differs
     kuas_model = (lambda x, t, **c: model(x, t.round())) if karras else model
-    ours = S.sample_dpmpp_2m(EpsDenoiser(kuas_model, K.DiscreteSchedule(sched.alphas_cumprod)), _vp_start(sigmas),
-                             sigmas)
+    ours = S.sample_dpmpp_2m(
+        EpsDenoiser(kuas_model, K.DiscreteSchedule(sched.alphas_cumprod)), _vp_start(sigmas), sigmas
+    )
     assert (ours - ref).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
 def test_dpmpp_2m_sde_matches_diffusers_multistep(solver_type):
     model = TinyEps()
-    sched = diffusers.DPMSolverMultistepScheduler(**SD_CONFIG, algorithm_type="sde-dpmsolver++", solver_order=2,
-                                                  solver_type=solver_type)
+    sched = diffusers.DPMSolverMultistepScheduler(
+        **SD_CONFIG, algorithm_type="sde-dpmsolver++", solver_order=2, solver_type=solver_type
+    )
     sched.set_timesteps(10)
     bank = _Bank(10)
     ref = _run_diffusers(sched, model, _noise(), per_step=lambda i: {"variance_noise": bank.noises[i]})
     sigmas = sched.sigmas.float()
-    ours = S.sample_dpmpp_2m_sde(_denoiser(sched, model), _vp_start(sigmas), sigmas, solver_type=solver_type,
-                                 noise_sampler=_Bank(10))
+    ours = S.sample_dpmpp_2m_sde(
+        _denoiser(sched, model), _vp_start(sigmas), sigmas, solver_type=solver_type, noise_sampler=_Bank(10)
+    )
     assert (ours - ref).abs().max() < 1e-4
 
 
@@ -217,16 +238,18 @@ def test_dpmpp_3m_sde_differs_from_diffusers_by_its_third_order_term():
     and differ by exactly 1 * D2 after the first third-order step. (k-diffusion's second-order warm-up step uses
     the phi_2 weight, which is diffusers' solver_type="heun".)"""
     model = TinyEps()
-    sched = diffusers.DPMSolverMultistepScheduler(**SD_CONFIG, algorithm_type="sde-dpmsolver++", solver_order=3,
-                                                  solver_type="heun")
+    sched = diffusers.DPMSolverMultistepScheduler(
+        **SD_CONFIG, algorithm_type="sde-dpmsolver++", solver_order=3, solver_type="heun"
+    )
     sched.set_timesteps(20)  # >= 15 steps: diffusers uses order 3 from the third step on
     bank = _Bank(20)
     sigmas = sched.sigmas.float()
     x = _noise()
     for i, t in enumerate(sched.timesteps[:3]):
         x = sched.step(model(x, t), t, x, variance_noise=bank.noises[i]).prev_sample
-        ours = S.sample_dpmpp_3m_sde(_denoiser(sched, model), _vp_start(sigmas), sigmas[: i + 2],
-                                     noise_sampler=_Bank(20))
+        ours = S.sample_dpmpp_3m_sde(
+            _denoiser(sched, model), _vp_start(sigmas), sigmas[: i + 2], noise_sampler=_Bank(20)
+        )
         ref_ve = x * math.sqrt(1 + float(sigmas[i + 1]) ** 2)
         if i < 2:
             assert (ours - ref_ve).abs().max() < 1e-4
@@ -246,12 +269,19 @@ def test_ddim_matches_diffusers_on_a1111_timesteps(eta):
     sched = diffusers.DDIMScheduler(**SD_CONFIG, set_alpha_to_one=True, steps_offset=1, clip_sample=False)
     sched.set_timesteps(10)
     bank = _Bank(10)
-    ref = _run_diffusers(sched, model, _noise(), step_kwargs={"eta": eta},
-                         per_step=lambda i: {"variance_noise": bank.noises[i]})
+    ref = _run_diffusers(
+        sched,
+        model,
+        _noise(),
+        step_kwargs={"eta": eta},
+        per_step=lambda i: {"variance_noise": bank.noises[i]},
+    )
     schedule = K.DiscreteSchedule(sched.alphas_cumprod)
     sigmas = K.get_sigmas_ddim(10, schedule)
     assert torch.allclose(sigmas[:-1], _vp_sigmas(sched, sched.timesteps, final_zero=False))
-    ours = S.sample_ddim(EpsDenoiser(model, schedule), _vp_start(sigmas), sigmas, eta=eta, noise_sampler=_Bank(10))
+    ours = S.sample_ddim(
+        EpsDenoiser(model, schedule), _vp_start(sigmas), sigmas, eta=eta, noise_sampler=_Bank(10)
+    )
     assert (ours - ref).abs().max() < 1e-4
 
 
@@ -299,8 +329,9 @@ def test_unipc_bh1_order_3_matches_diffusers_ending_at_sigma_min():
     infinite there and multiplies a zero), so compare on its "sigma_min" ending, where A1111's UniPC also stops;
     kuas takes sigmas ending at sigma_min and its result is mapped to the variance-preserving latent."""
     model = TinyEps()
-    sched = diffusers.UniPCMultistepScheduler(**SD_CONFIG, solver_type="bh1", solver_order=3,
-                                              final_sigmas_type="sigma_min")
+    sched = diffusers.UniPCMultistepScheduler(
+        **SD_CONFIG, solver_type="bh1", solver_order=3, final_sigmas_type="sigma_min"
+    )
     sched.set_timesteps(10)
     ref = _run_diffusers(sched, model, _noise())
     sigmas = sched.sigmas.float()
@@ -318,8 +349,12 @@ def test_lcm_matches_diffusers():
     ref = _run_diffusers(sched, model, _noise(), step_kwargs={"generator": torch.Generator().manual_seed(3)})
     schedule = K.DiscreteSchedule(sched.alphas_cumprod)
     sigmas = K.sigmas_from_timesteps(schedule, sched.timesteps)
-    ours = S.sample_lcm(LCMDenoiser(EpsDenoiser(model, schedule)), _vp_start(sigmas), sigmas,
-                        generator=torch.Generator().manual_seed(3))
+    ours = S.sample_lcm(
+        LCMDenoiser(EpsDenoiser(model, schedule)),
+        _vp_start(sigmas),
+        sigmas,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert (ours - ref).abs().max() < 1e-4
 
 
@@ -345,8 +380,9 @@ def test_dpmpp_2s_ancestral_without_noise_matches_diffusers_singlestep():
         assert (nearest - t).abs().max() <= 1.0
         return model(x, nearest)
 
-    ours = S.sample_dpmpp_2s_ancestral(EpsDenoiser(snapped, K.DiscreteSchedule(sched.alphas_cumprod)),
-                                       _vp_start(sigmas), pairs, eta=0.0)
+    ours = S.sample_dpmpp_2s_ancestral(
+        EpsDenoiser(snapped, K.DiscreteSchedule(sched.alphas_cumprod)), _vp_start(sigmas), pairs, eta=0.0
+    )
     assert (ours / math.sqrt(1 + float(pairs[-1]) ** 2) - x).abs().max() < 1e-4
 
 
@@ -392,8 +428,9 @@ ODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("fn, options, min_order", ODE_CASES,
-                         ids=[f"{fn.__name__}{options}" for fn, options, _ in ODE_CASES])
+@pytest.mark.parametrize(
+    "fn, options, min_order", ODE_CASES, ids=[f"{fn.__name__}{options}" for fn, options, _ in ODE_CASES]
+)
 @pytest.mark.parametrize("spacing", ["exponential", "karras"])
 def test_deterministic_samplers_converge_at_their_order(fn, options, min_order, spacing):
     x_start = torch.linspace(-3, 3, 101, dtype=torch.float64).reshape(1, -1)
@@ -425,8 +462,11 @@ STOCHASTIC_CASES = [
 ]
 
 
-@pytest.mark.parametrize("fn, options, steps, denoiser", STOCHASTIC_CASES,
-                         ids=[f"{fn.__name__}{options}" for fn, options, _, _ in STOCHASTIC_CASES])
+@pytest.mark.parametrize(
+    "fn, options, steps, denoiser",
+    STOCHASTIC_CASES,
+    ids=[f"{fn.__name__}{options}" for fn, options, _, _ in STOCHASTIC_CASES],
+)
 def test_stochastic_samplers_sample_the_data_distribution(fn, options, steps, denoiser):
     sigmas = K.get_sigmas_karras(steps, 0.01, 14.6).double()
     z = torch.randn(1, 20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -571,7 +611,11 @@ def test_unknown_sampler_raises_listing_valid_names(bad):
 def test_unknown_schedule_raises_listing_valid_names():
     with pytest.raises(InvalidInputError) as err:
         R.resolve_sampler("Euler", "Karras-ish")
-    assert "Karras" in str(err.value) and "SGM Uniform" in str(err.value) and "Align Your Steps" in str(err.value)
+    assert (
+        "Karras" in str(err.value)
+        and "SGM Uniform" in str(err.value)
+        and "Align Your Steps" in str(err.value)
+    )
 
 
 def test_sigmas_for_applies_discard_next_to_last_sigma():
@@ -590,8 +634,15 @@ def test_sample_runs_every_sampler_and_calls_back_once_per_step(name):
     sigmas = R.sigmas_for(spec, key, 6, K.DiscreteSchedule.sd())
     infos = []
     x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0)) * float(sigmas[0])
-    out = R.sample(gaussian_denoiser, x, sigmas, sampler=spec, generator=torch.Generator().manual_seed(1),
-                   callback=infos.append, disable=True)
+    out = R.sample(
+        gaussian_denoiser,
+        x,
+        sigmas,
+        sampler=spec,
+        generator=torch.Generator().manual_seed(1),
+        callback=infos.append,
+        disable=True,
+    )
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert [info.i for info in infos] == list(range(len(sigmas) - 1))
     assert all(info.total == len(sigmas) - 1 for info in infos)
@@ -613,7 +664,9 @@ def test_callback_can_interrupt_sampling(how):
     with pytest.raises(S.SamplingInterrupted) as err:
         S.sample_dpmpp_2m(gaussian_denoiser, x, sigmas, callback=stop_at_3)
     assert err.value.step == 3
-    assert torch.allclose(err.value.denoised, gaussian_denoiser(err.value.x, torch.tensor([float(sigmas[3])])))
+    assert torch.allclose(
+        err.value.denoised, gaussian_denoiser(err.value.x, torch.tensor([float(sigmas[3])]))
+    )
 
 
 def test_cli_lists_samplers_aliases_and_schedules(capsys):

@@ -29,7 +29,9 @@ def test_sd_schedule_constants(sd):
 
 def test_sd_alphas_cumprod_match_diffusers():
     diffusers = pytest.importorskip("diffusers")
-    ref = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    ref = diffusers.DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    ).alphas_cumprod
     assert torch.allclose(K.sd_alphas_cumprod().float(), ref, rtol=1e-5, atol=1e-7)
 
 
@@ -65,8 +67,9 @@ def test_karras_closed_form(sd):
 def test_exponential_and_polyexponential(sd):
     sigmas = K.get_sigmas_exponential(5, 0.1, 10.0)
     _check_shape(sigmas, 5)
-    assert sigmas[:-1].log().tolist() == pytest.approx([math.log(10) - i * math.log(100) / 4 for i in range(5)],
-                                                       abs=1e-5)
+    assert sigmas[:-1].log().tolist() == pytest.approx(
+        [math.log(10) - i * math.log(100) / 4 for i in range(5)], abs=1e-5
+    )
     assert torch.allclose(K.get_sigmas_polyexponential(5, 0.1, 10.0, rho=1.0), sigmas)
     quad = K.get_sigmas_polyexponential(5, 0.1, 10.0, rho=2.0)
     assert float(quad[2]) == pytest.approx(math.exp(0.25 * math.log(100) + math.log(0.1)), rel=1e-5)
@@ -74,8 +77,11 @@ def test_exponential_and_polyexponential(sd):
 
 def test_karras_and_exponential_match_diffusers(sd):
     diffusers = pytest.importorskip("diffusers")
-    cfg = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    for option, ours in (("use_karras_sigmas", K.get_sigmas_karras), ("use_exponential_sigmas", K.get_sigmas_exponential)):
+    cfg = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    for option, ours in (
+        ("use_karras_sigmas", K.get_sigmas_karras),
+        ("use_exponential_sigmas", K.get_sigmas_exponential),
+    ):
         sched = diffusers.EulerDiscreteScheduler(**cfg, **{option: True})
         sched.set_timesteps(12)
         assert torch.allclose(ours(12, sd.sigma_min, sd.sigma_max), sched.sigmas, rtol=1e-5)
@@ -110,7 +116,8 @@ def test_kl_optimal_align_your_steps_beta_lcm(sd):
     kl = K.get_sigmas_kl_optimal(5, 0.1, 10.0)
     _check_shape(kl, 5)
     assert kl[:-1].atan().tolist() == pytest.approx(
-        [math.atan(10) + i / 4 * (math.atan(0.1) - math.atan(10)) for i in range(5)], abs=1e-6)
+        [math.atan(10) + i / 4 * (math.atan(0.1) - math.atan(10)) for i in range(5)], abs=1e-6
+    )
 
     ays = K.get_sigmas_align_your_steps(11)
     assert ays[:-1].tolist() == pytest.approx(list(K.ALIGN_YOUR_STEPS_SD1), abs=1e-6)
@@ -128,7 +135,12 @@ def test_kl_optimal_align_your_steps_beta_lcm(sd):
     lcm = K.get_sigmas_lcm(4, sd)
     _check_shape(lcm, 4)
     t = sd.sigma_to_t(lcm[:-1]).round()
-    assert t.tolist() == [999.0, 679.0, 339.0, 19.0]  # A1111: linspace(999, 19, 4) snapped to the 20k + 19 grid
+    assert t.tolist() == [
+        999.0,
+        679.0,
+        339.0,
+        19.0,
+    ]  # A1111: linspace(999, 19, 4) snapped to the 20k + 19 grid
 
 
 def test_beta_ppf_closed_forms():

@@ -27,7 +27,8 @@ def describe() -> dict:
             for spec in SAMPLERS.values()
         ],
         "schedules": [
-            {"label": spec.label, "key": spec.key, "aliases": list(spec.aliases)} for spec in SCHEDULES.values()
+            {"label": spec.label, "key": spec.key, "aliases": list(spec.aliases)}
+            for spec in SCHEDULES.values()
         ],
     }
 

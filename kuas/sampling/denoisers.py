@@ -14,14 +14,15 @@ keyword arguments given to the denoiser (the conditioning) pass through to it un
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from kuas.sampling.schedules import DiscreteSchedule
 
-__all__ = ["Denoiser", "EpsDenoiser", "VDenoiser", "LCMDenoiser", "batch_sigma"]
+__all__ = ["Denoiser", "EpsDenoiser", "LCMDenoiser", "VDenoiser", "batch_sigma"]
 
 
 class Denoiser(Protocol):

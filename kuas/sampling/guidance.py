@@ -19,7 +19,8 @@ and eps differ by the affine map ``x0 = x - sigma * eps``, so the two are not id
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor

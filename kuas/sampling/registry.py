@@ -16,9 +16,10 @@ and, like every kuas sampler, ends at sigma 0 where A1111's ends at the smallest
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,16 +30,16 @@ from kuas.sampling import schedules as K
 from kuas.sampling.denoisers import Denoiser
 
 __all__ = [
-    "SamplerSpec",
-    "ScheduleSpec",
     "SAMPLERS",
     "SCHEDULES",
+    "SamplerSpec",
+    "ScheduleSpec",
     "resolve_sampler",
     "resolve_schedule",
-    "sigmas_for",
     "sample",
     "sampler_names",
     "schedule_labels",
+    "sigmas_for",
 ]
 
 
@@ -77,27 +78,74 @@ class ScheduleSpec:
 
 _SAMPLER_LIST = (
     SamplerSpec("DPM++ 2M", S.sample_dpmpp_2m, ("k_dpmpp_2m",), "karras"),
-    SamplerSpec("DPM++ SDE", S.sample_dpmpp_sde, ("k_dpmpp_sde",), "karras", second_order=True, stochastic=True,
-                brownian_noise=True),
-    SamplerSpec("DPM++ 2M SDE", S.sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde",), "exponential", stochastic=True,
-                brownian_noise=True),
-    SamplerSpec("DPM++ 2M SDE Heun", S.sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde_heun",), "exponential",
-                stochastic=True, brownian_noise=True, options=MappingProxyType({"solver_type": "heun"})),
-    SamplerSpec("DPM++ 2S a", S.sample_dpmpp_2s_ancestral, ("k_dpmpp_2s_a",), "karras", second_order=True,
-                stochastic=True),
-    SamplerSpec("DPM++ 3M SDE", S.sample_dpmpp_3m_sde, ("k_dpmpp_3m_sde",), "exponential", stochastic=True,
-                brownian_noise=True, discard_next_to_last_sigma=True),
+    SamplerSpec(
+        "DPM++ SDE",
+        S.sample_dpmpp_sde,
+        ("k_dpmpp_sde",),
+        "karras",
+        second_order=True,
+        stochastic=True,
+        brownian_noise=True,
+    ),
+    SamplerSpec(
+        "DPM++ 2M SDE",
+        S.sample_dpmpp_2m_sde,
+        ("k_dpmpp_2m_sde",),
+        "exponential",
+        stochastic=True,
+        brownian_noise=True,
+    ),
+    SamplerSpec(
+        "DPM++ 2M SDE Heun",
+        S.sample_dpmpp_2m_sde,
+        ("k_dpmpp_2m_sde_heun",),
+        "exponential",
+        stochastic=True,
+        brownian_noise=True,
+        options=MappingProxyType({"solver_type": "heun"}),
+    ),
+    SamplerSpec(
+        "DPM++ 2S a",
+        S.sample_dpmpp_2s_ancestral,
+        ("k_dpmpp_2s_a",),
+        "karras",
+        second_order=True,
+        stochastic=True,
+    ),
+    SamplerSpec(
+        "DPM++ 3M SDE",
+        S.sample_dpmpp_3m_sde,
+        ("k_dpmpp_3m_sde",),
+        "exponential",
+        stochastic=True,
+        brownian_noise=True,
+        discard_next_to_last_sigma=True,
+    ),
     SamplerSpec("Euler a", S.sample_euler_ancestral, ("k_euler_a", "k_euler_ancestral"), stochastic=True),
     SamplerSpec("Euler", S.sample_euler, ("k_euler",)),
     SamplerSpec("LMS", S.sample_lms, ("k_lms",)),
     SamplerSpec("Heun", S.sample_heun, ("k_heun",), second_order=True),
-    SamplerSpec("DPM2", S.sample_dpm_2, ("k_dpm_2",), "karras", second_order=True, discard_next_to_last_sigma=True),
-    SamplerSpec("DPM2 a", S.sample_dpm_2_ancestral, ("k_dpm_2_a",), "karras", second_order=True, stochastic=True,
-                discard_next_to_last_sigma=True),
+    SamplerSpec(
+        "DPM2", S.sample_dpm_2, ("k_dpm_2",), "karras", second_order=True, discard_next_to_last_sigma=True
+    ),
+    SamplerSpec(
+        "DPM2 a",
+        S.sample_dpm_2_ancestral,
+        ("k_dpm_2_a",),
+        "karras",
+        second_order=True,
+        stochastic=True,
+        discard_next_to_last_sigma=True,
+    ),
     SamplerSpec("DDIM", S.sample_ddim, ("ddim",), "ddim"),
     SamplerSpec("PLMS", S.sample_plms, ("plms",), "ddim"),
-    SamplerSpec("UniPC", S.sample_unipc, ("unipc",), "sgm_uniform",
-                options=MappingProxyType({"variant": "bh1", "order": 3, "lower_order_final": True})),
+    SamplerSpec(
+        "UniPC",
+        S.sample_unipc,
+        ("unipc",),
+        "sgm_uniform",
+        options=MappingProxyType({"variant": "bh1", "order": 3, "lower_order_final": True}),
+    ),
     SamplerSpec("LCM", S.sample_lcm, ("k_lcm", "lcm"), "lcm", stochastic=True, lcm=True),
 )
 
@@ -129,8 +177,12 @@ def _schedule_names(spec: ScheduleSpec) -> tuple[str, ...]:
     return (spec.label, spec.key, *spec.aliases)
 
 
-_SAMPLER_LOOKUP = MappingProxyType({_norm(n): spec for spec in _SAMPLER_LIST for n in (spec.name, *spec.aliases)})
-_SCHEDULE_LOOKUP = MappingProxyType({_norm(n): spec for spec in _SCHEDULE_LIST for n in _schedule_names(spec)})
+_SAMPLER_LOOKUP = MappingProxyType(
+    {_norm(n): spec for spec in _SAMPLER_LIST for n in (spec.name, *spec.aliases)}
+)
+_SCHEDULE_LOOKUP = MappingProxyType(
+    {_norm(n): spec for spec in _SCHEDULE_LIST for n in _schedule_names(spec)}
+)
 
 
 def sampler_names() -> list[str]:
@@ -160,7 +212,9 @@ def resolve_sampler(name: str, scheduler: str | None = "Automatic") -> tuple[Sam
     ``scheduler``, as in A1111. "Automatic" resolves to the sampler's default schedule key.
     """
     if not isinstance(name, str):
-        raise InvalidInputError(f"sampler name must be a string, got {name!r}; valid: {', '.join(sampler_names())}")
+        raise InvalidInputError(
+            f"sampler name must be a string, got {name!r}; valid: {', '.join(sampler_names())}"
+        )
     schedule = resolve_schedule(scheduler or "Automatic")
     key = _norm(name)
     spec = _SAMPLER_LOOKUP.get(key)

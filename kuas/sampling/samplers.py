@@ -18,8 +18,8 @@ same images on every device. ``callback(StepInfo)`` runs once per step; raising 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,27 +30,27 @@ from kuas.errors import InvalidInputError, KuasError
 from kuas.sampling.denoisers import Denoiser, batch_sigma
 
 __all__ = [
-    "StepInfo",
-    "SamplingInterrupted",
-    "NoiseSampler",
-    "GaussianNoiseSampler",
     "BrownianNoiseSampler",
+    "GaussianNoiseSampler",
+    "NoiseSampler",
+    "SamplingInterrupted",
+    "StepInfo",
     "get_ancestral_step",
+    "sample_ddim",
+    "sample_dpm_2",
+    "sample_dpm_2_ancestral",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_3m_sde",
+    "sample_dpmpp_sde",
     "sample_euler",
     "sample_euler_ancestral",
     "sample_heun",
-    "sample_dpm_2",
-    "sample_dpm_2_ancestral",
+    "sample_lcm",
     "sample_lms",
-    "sample_dpmpp_2s_ancestral",
-    "sample_dpmpp_sde",
-    "sample_dpmpp_2m",
-    "sample_dpmpp_2m_sde",
-    "sample_dpmpp_3m_sde",
-    "sample_ddim",
     "sample_plms",
     "sample_unipc",
-    "sample_lcm",
 ]
 
 NoiseSampler = Callable[[float, float], Tensor]
@@ -80,15 +80,23 @@ class SamplingInterrupted(KuasError):
     (what A1111 returns when a job is interrupted).
     """
 
-    def __init__(self, message: str = "sampling interrupted by the callback", *, step: int | None = None,
-                 x: Tensor | None = None, denoised: Tensor | None = None):
+    def __init__(
+        self,
+        message: str = "sampling interrupted by the callback",
+        *,
+        step: int | None = None,
+        x: Tensor | None = None,
+        denoised: Tensor | None = None,
+    ):
         super().__init__(message)
         self.step = step
         self.x = x
         self.denoised = denoised
 
 
-def _report(callback, i: int, total: int, x: Tensor, sigma: float, sigma_hat: float, denoised: Tensor) -> None:
+def _report(
+    callback, i: int, total: int, x: Tensor, sigma: float, sigma_hat: float, denoised: Tensor
+) -> None:
     if callback is None:
         return
     info = StepInfo(i=i, total=total, x=x, sigma=sigma, sigma_hat=sigma_hat, denoised=denoised)
@@ -122,7 +130,9 @@ class GaussianNoiseSampler:
     change with its position in the batch.
     """
 
-    def __init__(self, x: Tensor, generator: torch.Generator | None = None, seeds: Sequence[int] | None = None):
+    def __init__(
+        self, x: Tensor, generator: torch.Generator | None = None, seeds: Sequence[int] | None = None
+    ):
         self.shape = tuple(x.shape)
         self.device, self.dtype = x.device, x.dtype
         if seeds is not None:
@@ -138,7 +148,10 @@ class GaussianNoiseSampler:
             noise = torch.randn(self.shape, generator=g, device=g.device, dtype=torch.float32)
         else:
             noise = torch.stack(
-                [torch.randn(self.shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in self.generators]
+                [
+                    torch.randn(self.shape[1:], generator=g, device=g.device, dtype=torch.float32)
+                    for g in self.generators
+                ]
             )
         return noise.to(self.device, self.dtype)
 
@@ -221,14 +234,18 @@ class BrownianNoiseSampler:
             raise InvalidInputError(f"need one seed per batch item ({x.shape[0]}), got {len(seeds)}")
         lo, hi = float(sigma_min), float(sigma_max)
         if not hi > lo:
-            raise InvalidInputError(f"Brownian noise needs sigma_max > sigma_min, got {sigma_min} and {sigma_max}")
+            raise InvalidInputError(
+                f"Brownian noise needs sigma_max > sigma_min, got {sigma_min} and {sigma_max}"
+            )
         self.paths = [_BrownianPath(s, lo, hi, x.shape[1:], depth) for s in seeds]
         self.device, self.dtype = x.device, x.dtype
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
         sigma, sigma_next = float(sigma), float(sigma_next)
         scale = math.sqrt(abs(sigma_next - sigma))
-        increments = [(p(sigma_next) - p(sigma)) / scale if scale > 0 else torch.zeros(p.shape) for p in self.paths]
+        increments = [
+            (p(sigma_next) - p(sigma)) / scale if scale > 0 else torch.zeros(p.shape) for p in self.paths
+        ]
         return torch.stack(increments).to(self.device, self.dtype)
 
 
@@ -286,9 +303,18 @@ def _churn(x, sigma, n, s_churn, s_tmin, s_tmax, s_noise, noise) -> tuple[Tensor
 
 @torch.no_grad()
 def sample_euler(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
-    s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Euler steps of the probability-flow ODE, Karras et al. 2022 Algorithm 2 (with optional churn)."""
@@ -306,9 +332,17 @@ def sample_euler(
 
 @torch.no_grad()
 def sample_euler_ancestral(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
-    eta: float = 1.0, s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Euler step to sigma_down, then fresh noise up to sigma_next (ancestral sampling, Ho et al. 2020 in
     Karras et al.'s ODE form, as k-diffusion's "Euler a")."""
@@ -327,9 +361,18 @@ def sample_euler_ancestral(
 
 @torch.no_grad()
 def sample_heun(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
-    s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Heun's 2nd-order method, Karras et al. 2022 Algorithm 2 (Euler on the last step, to sigma = 0)."""
@@ -353,9 +396,18 @@ def sample_heun(
 
 @torch.no_grad()
 def sample_dpm_2(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
-    s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """DPM-Solver-2 (Lu et al. 2022, Algorithm 1) as k-diffusion's "DPM2": a midpoint step whose midpoint is
@@ -380,9 +432,17 @@ def sample_dpm_2(
 
 @torch.no_grad()
 def sample_dpm_2_ancestral(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
-    eta: float = 1.0, s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """DPM-Solver-2 midpoint step to sigma_down, then fresh noise up to sigma_next ("DPM2 a")."""
     s = _floats(sigmas)
@@ -411,13 +471,23 @@ def _lms_coefficient(nodes: Sequence[float], j: int, a: float, b: float) -> floa
     poly = np.polynomial.polynomial.polyfromroots(others) if others else np.array([1.0])
     poly = poly / np.polynomial.polynomial.polyval(nodes[j], poly)
     antiderivative = np.polynomial.polynomial.polyint(poly)
-    return float(np.polynomial.polynomial.polyval(b, antiderivative) - np.polynomial.polynomial.polyval(a, antiderivative))
+    return float(
+        np.polynomial.polynomial.polyval(b, antiderivative)
+        - np.polynomial.polynomial.polyval(a, antiderivative)
+    )
 
 
 @torch.no_grad()
 def sample_lms(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None, order: int = 4,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
+    order: int = 4,
 ) -> Tensor:
     """Linear multistep (Adams-Bashforth over sigma with variable steps): the derivative is extrapolated by the
     Lagrange polynomial through the last `order` derivatives and integrated exactly (k-diffusion's "LMS")."""
@@ -444,9 +514,17 @@ def sample_lms(
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
-    eta: float = 1.0, s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """DPM-Solver++(2S) (Lu et al. 2022b, Algorithm 1, r = 1/2) to sigma_down, then ancestral noise."""
     s = _floats(sigmas)
@@ -471,9 +549,18 @@ def sample_dpmpp_2s_ancestral(
 
 @torch.no_grad()
 def sample_dpmpp_sde(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
-    eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5, noise_sampler: NoiseSampler | None = None,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Stochastic DPM-Solver++ with a two-stage (2S-style) step, k-diffusion's "DPM++ SDE" (Lu et al. 2022b
     with ancestral noise at each stage); Brownian noise by default. Euler on the last step."""
@@ -507,8 +594,14 @@ def sample_dpmpp_sde(
 
 @torch.no_grad()
 def sample_dpmpp_2m(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2); first order on the first and the last step."""
     s = _floats(sigmas)
@@ -533,9 +626,18 @@ def sample_dpmpp_2m(
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
-    eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint", noise_sampler: NoiseSampler | None = None,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    solver_type: str = "midpoint",
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022b, Appendix: the SDE variant), "midpoint" or "heun" correction."""
     if solver_type not in ("midpoint", "heun"):
@@ -570,9 +672,17 @@ def sample_dpmpp_2m_sde(
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
-    eta: float = 1.0, s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """DPM-Solver++(3M) SDE (Lu et al. 2022b, third-order multistep with the SDE's exponential integrator)."""
     s = _floats(sigmas)
@@ -617,9 +727,16 @@ def sample_dpmpp_3m_sde(
 
 @torch.no_grad()
 def sample_ddim(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
-    eta: float = 0.0, noise_sampler: NoiseSampler | None = None,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
+    eta: float = 0.0,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) in sigma space: x_next = x0 + sqrt(s_next^2 - s_up^2) * eps + s_up * z
     with s_up = eta * s_next * sqrt(1 - s_next^2 / s^2) (the paper's sigma_t divided by sqrt(alpha_next));
@@ -640,8 +757,14 @@ def sample_ddim(
 
 @torch.no_grad()
 def sample_plms(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
 ) -> Tensor:
     """PLMS / PNDM (Liu et al. 2022, "Pseudo Numerical Methods", eq. 12 with fixed Adams-Bashforth weights on
     eps): a pseudo improved-Euler first step, then 2nd/3rd/4th-order linear multistep on the predicted noise."""
@@ -672,7 +795,9 @@ def sample_plms(
     return x
 
 
-def _unipc_coefficients(rks: list[float], h: float, order: int, variant: str, corrector: bool) -> tuple[list[float], float]:
+def _unipc_coefficients(
+    rks: list[float], h: float, order: int, variant: str, corrector: bool
+) -> tuple[list[float], float]:
     """Weights of the UniPC update (Zhao et al. 2023, Algorithm 2/3 with B(h) = h (bh1) or e^h - 1 (bh2)) for
     the data-prediction model: returns (rhos, B(h)) where rks holds the ratios of older steps' log-sigma gaps."""
     hh = -h
@@ -702,9 +827,18 @@ def _unipc_coefficients(rks: list[float], h: float, order: int, variant: str, co
 
 @torch.no_grad()
 def sample_unipc(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
-    order: int = 3, variant: str = "bh1", lower_order_final: bool = True, use_corrector: bool = True,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
+    order: int = 3,
+    variant: str = "bh1",
+    lower_order_final: bool = True,
+    use_corrector: bool = True,
 ) -> Tensor:
     """UniPC multistep predictor-corrector (Zhao et al. 2023, "UniPC", data prediction, B(h) variants bh1/bh2).
 
@@ -756,8 +890,14 @@ def sample_unipc(
 
 @torch.no_grad()
 def sample_lcm(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-    callback=None, disable: bool | None = None, extra_args: dict | None = None,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback=None,
+    disable: bool | None = None,
+    extra_args: dict | None = None,
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Latent Consistency Model multistep sampling (Luo et al. 2023, Algorithm 1): jump to the consistency

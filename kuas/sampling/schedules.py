@@ -13,7 +13,7 @@ Each ``get_sigmas_<name>`` returns ``n + 1`` float32 sigmas, decreasing, the las
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -21,29 +21,29 @@ from torch import Tensor
 from kuas.errors import InvalidInputError
 
 __all__ = [
+    "ALIGN_YOUR_STEPS_SD1",
+    "ALIGN_YOUR_STEPS_SDXL",
     "DiscreteSchedule",
-    "scaled_linear_betas",
-    "linear_betas",
     "alphas_cumprod_from_betas",
-    "sd_alphas_cumprod",
     "append_zero",
-    "get_sigmas_uniform",
-    "get_sigmas_karras",
+    "beta_ppf",
+    "discard_next_to_last_sigma",
+    "get_sigmas_align_your_steps",
+    "get_sigmas_beta",
+    "get_sigmas_ddim",
     "get_sigmas_exponential",
+    "get_sigmas_karras",
+    "get_sigmas_kl_optimal",
+    "get_sigmas_lcm",
+    "get_sigmas_normal",
     "get_sigmas_polyexponential",
     "get_sigmas_sgm_uniform",
     "get_sigmas_simple",
-    "get_sigmas_normal",
-    "get_sigmas_ddim",
-    "get_sigmas_kl_optimal",
-    "get_sigmas_beta",
-    "get_sigmas_align_your_steps",
-    "get_sigmas_lcm",
-    "discard_next_to_last_sigma",
+    "get_sigmas_uniform",
+    "linear_betas",
+    "scaled_linear_betas",
+    "sd_alphas_cumprod",
     "sigmas_from_timesteps",
-    "beta_ppf",
-    "ALIGN_YOUR_STEPS_SD1",
-    "ALIGN_YOUR_STEPS_SDXL",
 ]
 
 # NVIDIA's published 10-step "Align Your Steps" sigmas (11 values, the last step goes to 0).
@@ -60,7 +60,9 @@ def scaled_linear_betas(
     num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, device=None
 ) -> Tensor:
     """The SD "scaled_linear" betas: linear in sqrt(beta), squared (float64, as the reference computes them)."""
-    return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64, device=device) ** 2
+    return (
+        torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64, device=device) ** 2
+    )
 
 
 def linear_betas(
@@ -106,7 +108,7 @@ class DiscreteSchedule:
         self.log_sigmas = self.sigmas.log()
 
     @classmethod
-    def sd(cls, device=None) -> "DiscreteSchedule":
+    def sd(cls, device=None) -> DiscreteSchedule:
         """The schedule shared by SD 1.x, 2.x and XL."""
         return cls(sd_alphas_cumprod(device=device))
 
@@ -126,7 +128,7 @@ class DiscreteSchedule:
     def device(self) -> torch.device:
         return self.sigmas.device
 
-    def to(self, device) -> "DiscreteSchedule":
+    def to(self, device) -> DiscreteSchedule:
         """A copy whose tables live on `device`."""
         return DiscreteSchedule(self.alphas_cumprod.to(device))
 
@@ -180,14 +182,18 @@ def _finish(sigmas: Tensor, device) -> Tensor:
     return append_zero(sigmas.to(torch.float32)).to(device if device is not None else sigmas.device)
 
 
-def _range(schedule: DiscreteSchedule | None, sigma_min: float | None, sigma_max: float | None) -> tuple[float, float]:
+def _range(
+    schedule: DiscreteSchedule | None, sigma_min: float | None, sigma_max: float | None
+) -> tuple[float, float]:
     if sigma_min is None or sigma_max is None:
         if schedule is None:
             raise InvalidInputError("pass either a DiscreteSchedule or both sigma_min and sigma_max")
         sigma_min = schedule.sigma_min if sigma_min is None else sigma_min
         sigma_max = schedule.sigma_max if sigma_max is None else sigma_max
     if not 0 < sigma_min < sigma_max:
-        raise InvalidInputError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        raise InvalidInputError(
+            f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}"
+        )
     return float(sigma_min), float(sigma_max)
 
 
@@ -198,9 +204,7 @@ def get_sigmas_uniform(n: int, schedule: DiscreteSchedule, device=None) -> Tenso
     return _finish(schedule.to("cpu").t_to_sigma(t), device)
 
 
-def get_sigmas_karras(
-    n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device=None
-) -> Tensor:
+def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device=None) -> Tensor:
     """Karras et al. 2022 (EDM) eq. 5: evenly spaced in sigma^(1/rho)."""
     _check_steps(n)
     sigma_min, sigma_max = _range(None, sigma_min, sigma_max)
@@ -223,11 +227,17 @@ def get_sigmas_polyexponential(
     _check_steps(n)
     sigma_min, sigma_max = _range(None, sigma_min, sigma_max)
     ramp = torch.linspace(1, 0, n) ** rho
-    return _finish(torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)), device)
+    return _finish(
+        torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)), device
+    )
 
 
 def get_sigmas_sgm_uniform(
-    n: int, schedule: DiscreteSchedule, sigma_min: float | None = None, sigma_max: float | None = None, device=None
+    n: int,
+    schedule: DiscreteSchedule,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    device=None,
 ) -> Tensor:
     """A1111 "SGM Uniform": n + 1 timesteps evenly spaced from t(sigma_max) to t(sigma_min), the last dropped.
 
@@ -242,7 +252,11 @@ def get_sigmas_sgm_uniform(
 
 
 def get_sigmas_normal(
-    n: int, schedule: DiscreteSchedule, sigma_min: float | None = None, sigma_max: float | None = None, device=None
+    n: int,
+    schedule: DiscreteSchedule,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    device=None,
 ) -> Tensor:
     """A1111 "Normal": n timesteps evenly spaced from t(sigma_max) to t(sigma_min) inclusive.
 
@@ -278,7 +292,7 @@ def get_sigmas_ddim(n: int, schedule: DiscreteSchedule, device=None) -> Tensor:
 
 
 def get_sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float, device=None) -> Tensor:
-    """"KL Optimal" (Sabour et al. 2024, "Align Your Steps", eq. for the KL-optimal schedule): evenly spaced in
+    """ "KL Optimal" (Sabour et al. 2024, "Align Your Steps", eq. for the KL-optimal schedule): evenly spaced in
     arctan(sigma) from sigma_max to sigma_min, then 0.
 
     kuas follows ComfyUI's form (n sigmas then 0); A1111's version returns n + 1 sigmas that stop at
@@ -315,7 +329,7 @@ def get_sigmas_beta(
     beta: float = 0.6,
     device=None,
 ) -> Tensor:
-    """"Beta" (Lee et al. 2024, "Beta Sampling is All You Need"), in A1111's form: sigma_min +
+    """ "Beta" (Lee et al. 2024, "Beta Sampling is All You Need"), in A1111's form: sigma_min +
     (sigma_max - sigma_min) * BetaPPF(1 - i/(n-1); alpha, beta), then 0. A1111's default alpha = beta = 0.6."""
     _check_steps(n)
     sigma_min, sigma_max = _range(None, sigma_min, sigma_max)
@@ -417,8 +431,9 @@ def beta_ppf(q: float, alpha: float, beta: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def sigmas_from_timesteps(schedule: DiscreteSchedule, timesteps: Sequence[float] | Tensor, device=None) -> Tensor:
+def sigmas_from_timesteps(
+    schedule: DiscreteSchedule, timesteps: Sequence[float] | Tensor, device=None
+) -> Tensor:
     """Sigmas for explicit (descending) training timesteps, then 0: how to reproduce another tool's timesteps."""
     t = torch.as_tensor(timesteps, dtype=torch.float32)
     return _finish(schedule.to("cpu").t_to_sigma(t), device)
-
