@@ -17,6 +17,7 @@ from kuas.errors import KuasError
 # Subcommand modules, in the order `kuas --help` lists them.
 COMMAND_MODULES = [
     "kuas.cli.info",
+    "kuas.cli.samplers",
 ]
 
 
