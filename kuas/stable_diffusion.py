@@ -1,0 +1,520 @@
+"""`StableDiffusion`: the loaded networks of one model, and `kuas.load` / `kuas.create`.
+
+A `StableDiffusion` holds a U-Net, a VAE, the family's text encoder(s) and the tokenizer, and knows
+how the family turns prompts into U-Net conditioning. Generation (txt2img, img2img, ...) lives in
+`kuas.pipelines`; the methods here are thin entry points to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from kuas.checkpoints.families import UNET_PREFIX, VAE_PREFIX, Family, TextEncoderSpec, get_family
+from kuas.errors import InvalidInputError
+from kuas.models.clip import CLIPTextConfig, CLIPTextModel, OpenCLIPTextModel
+from kuas.models.unet import UNetConfig, UNetModel, sdxl_vector_conditioning
+from kuas.models.vae import AutoencoderKL, VAEConfig
+
+log = logging.getLogger(__name__)
+
+KUAS_CONFIG_KEY = "kuas.config"  # safetensors metadata: kuas' own description of the networks (JSON)
+
+
+@dataclass
+class Conditioning:
+    """What the U-Net is conditioned on for a batch of prompts.
+
+    context: (B, 77 * chunks, context_dim) cross-attention input.
+    pooled: SDXL's pooled text embedding (B, 1280), else None.
+    """
+
+    context: Tensor
+    pooled: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """A loaded text encoder's place in the family: which layer feeds the U-Net, padding, pooling."""
+
+    spec: TextEncoderSpec
+    layer: int
+    final_norm: bool
+
+
+class StableDiffusion:
+    """A Stable Diffusion model: networks plus what the family says about using them."""
+
+    def __init__(
+        self,
+        family: Family,
+        unet: UNetModel,
+        vae: AutoencoderKL,
+        text_encoders: Mapping[str, nn.Module],
+        *,
+        prediction: str | None = None,
+        text_layers: Mapping[str, tuple[int, bool]] | None = None,
+        path: str | os.PathLike | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ):
+        from kuas.tokenizer import CLIPTokenizer
+
+        self.family = family
+        self.unet = unet
+        self.vae = vae
+        self.text_encoders = dict(text_encoders)
+        self.tokenizer = CLIPTokenizer.default()
+        self.prediction = prediction or family.prediction
+        if self.prediction not in ("eps", "v"):
+            raise InvalidInputError(f"prediction must be 'eps' or 'v', not {self.prediction!r}")
+        self.slots: list[TextEncoderSlot] = []
+        for spec in family.text_encoders:
+            layer, final_norm = (text_layers or {}).get(spec.name, (spec.layer, spec.final_norm))
+            self.slots.append(TextEncoderSlot(spec, layer, final_norm))
+        self.path = None if path is None else os.fspath(path)
+        self.metadata = dict(metadata or {})
+        self._hash: str | None = None
+
+    # -- components -----------------------------------------------------------------------------------
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.text_encoders[self.family.text_encoders[0].name]
+
+    @property
+    def text_encoder_2(self) -> nn.Module | None:
+        return self.text_encoders.get("text_encoder_2")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_scale(self) -> float:
+        return self.vae.scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.embed_dim
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent pixel (8 for every official model)."""
+        return self.vae.config.downsample_factor
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "vae": self.vae, **self.text_encoders}
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
+        for m in self.modules().values():
+            m.to(device=device, dtype=dtype)
+        return self
+
+    def eval(self) -> StableDiffusion:
+        for m in self.modules().values():
+            m.eval().requires_grad_(False)
+        return self
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.1f}M" for n, m in self.modules().items())
+        return f"StableDiffusion(family={self.family.name!r}, prediction={self.prediction!r}, {counts})"
+
+    @property
+    def model_hash(self) -> str | None:
+        """First 10 hex digits of the file's sha256 (A1111's "Model hash"), None for an unsaved model."""
+        if self._hash is None and self.path and os.path.isfile(self.path):
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            self._hash = h.hexdigest()[:10]
+        return self._hash
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem if self.path else self.metadata.get("modelspec.title", self.family.name)
+
+    # -- prompts --------------------------------------------------------------------------------------
+    def text_layer(self, slot: TextEncoderSlot, clip_skip: int = 1) -> int:
+        """The hidden layer a slot feeds the U-Net; A1111's "Clip skip" N moves it N - 1 layers earlier."""
+        if clip_skip < 1:
+            raise InvalidInputError(f"clip_skip must be 1 (no skip) or more, not {clip_skip}")
+        layer = slot.layer - (clip_skip - 1)
+        n = self.text_encoders[slot.spec.name].config.layers
+        if not -n <= layer < n:
+            raise InvalidInputError(f"clip_skip {clip_skip} is too large for a {n}-layer text encoder")
+        return layer
+
+    @torch.no_grad()
+    def encode_tokens(
+        self, tokens: Mapping[str, Tensor], *, clip_skip: int = 1
+    ) -> Conditioning:
+        """Encode token ids (one (B, 77) tensor per text encoder name) into U-Net conditioning."""
+        hidden, pooled = [], None
+        for slot in self.slots:
+            te = self.text_encoders[slot.spec.name]
+            ids = tokens[slot.spec.name].to(te.device if hasattr(te, "device") else self.device)
+            out = te(ids, layer=self.text_layer(slot, clip_skip), final_norm=slot.final_norm,
+                     return_pooled=slot.spec.pooled)
+            hidden.append(out.hidden)
+            if slot.spec.pooled:
+                pooled = out.pooled
+        context = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)
+        return Conditioning(context, pooled)
+
+    def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Token ids per text encoder (77 tokens, truncated; the prompt language lifts the limit)."""
+        return {s.spec.name: self.tokenizer(prompts, pad_with=s.spec.pad_with) for s in self.slots}
+
+    def encode_prompt(self, prompts: str | list[str], *, clip_skip: int = 1) -> Conditioning:
+        """U-Net conditioning for plain prompts (no weighting syntax)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.encode_tokens(self.tokenize(prompts), clip_skip=clip_skip)
+
+    def vector_conditioning(
+        self, pooled: Tensor, *, original_size: tuple[int, int], target_size: tuple[int, int],
+        crop_top_left: tuple[int, int] = (0, 0), aesthetic_score: float = 6.0,
+    ) -> Tensor | None:
+        """SDXL's `y` (pooled text + size/crop embeddings); None for families without it."""
+        if not self.family.vector_conditioning:
+            return None
+        if self.family.refiner:
+            return sdxl_vector_conditioning(pooled, original_size, crop_top_left, aesthetic_score=aesthetic_score)
+        return sdxl_vector_conditioning(pooled, original_size, crop_top_left, target_size)
+
+    # -- saving ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """All weights under their official single-file keys."""
+        out: dict[str, Tensor] = {}
+        for k, v in self.unet.state_dict().items():
+            out[UNET_PREFIX + k] = v
+        for k, v in self.vae.state_dict().items():
+            out[VAE_PREFIX + k] = v
+        for slot in self.slots:
+            for k, v in self.text_encoders[slot.spec.name].state_dict().items():
+                out[slot.spec.prefix + k] = v
+        return out
+
+    def kuas_config(self) -> dict[str, Any]:
+        """What kuas needs besides the shapes to rebuild the networks exactly (stored in metadata)."""
+        return {
+            "family": self.family.name,
+            "prediction": self.prediction,
+            "latent_scale": self.vae.scale_factor,
+            "unet": self.unet.config.to_dict(),
+            "vae": self.vae.config.to_dict(),
+            "text_encoders": {
+                s.spec.name: {
+                    "config": self.text_encoders[s.spec.name].config.to_dict(),
+                    "layer": s.layer,
+                    "final_norm": s.final_norm,
+                }
+                for s in self.slots
+            },
+        }
+
+    def save(
+        self, path: str | os.PathLike, *, dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None
+    ) -> Path:
+        """Write one safetensors file in the official layout, with ModelSpec metadata and kuas' config."""
+        from kuas.checkpoints.metadata import modelspec_metadata
+        from kuas.checkpoints.safetensors_io import save_safetensors
+
+        tensors = self.state_dict()
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        meta = modelspec_metadata(
+            self.family, prediction=self.prediction, title=Path(path).stem, resolution=self.family.resolution
+        )
+        meta[KUAS_CONFIG_KEY] = json.dumps(self.kuas_config(), sort_keys=True)
+        meta.update(metadata or {})
+        save_safetensors(path, tensors, meta)
+        self.path, self._hash = os.fspath(path), None
+        return Path(path)
+
+    # -- generation (kuas.pipelines) ------------------------------------------------------------------
+    def txt2img(self, prompt: str | list[str], **kwargs: Any):
+        from kuas.pipelines.txt2img import txt2img
+
+        return txt2img(self, prompt, **kwargs)
+
+    def img2img(self, prompt: str | list[str], image: Any, **kwargs: Any):
+        from kuas.pipelines.img2img import img2img
+
+        return img2img(self, prompt, image, **kwargs)
+
+    def inpaint(self, prompt: str | list[str], image: Any, mask: Any, **kwargs: Any):
+        from kuas.pipelines.inpaint import inpaint
+
+        return inpaint(self, prompt, image, mask, **kwargs)
+
+    def outpaint(self, prompt: str | list[str], image: Any, **kwargs: Any):
+        from kuas.pipelines.outpaint import outpaint
+
+        return outpaint(self, prompt, image, **kwargs)
+
+
+# -- construction -------------------------------------------------------------------------------------
+def build_text_encoder(spec: TextEncoderSpec, config: CLIPTextConfig, **factory: Any) -> nn.Module:
+    cls = CLIPTextModel if spec.kind == "clip" else OpenCLIPTextModel
+    return cls(config, **factory)
+
+
+def _as_config(cls, value: Any, base: Any) -> Any:
+    if value is None:
+        return base
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return dataclasses.replace(base, **value)
+    raise InvalidInputError(f"expected a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+
+
+def create(
+    family: str,
+    *,
+    seed: int = 0,
+    unet: UNetConfig | Mapping[str, Any] | None = None,
+    vae: VAEConfig | Mapping[str, Any] | None = None,
+    text_encoder: CLIPTextConfig | Mapping[str, Any] | None = None,
+    text_encoder_2: CLIPTextConfig | Mapping[str, Any] | None = None,
+    prediction: str | None = None,
+    latent_scale: float | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> StableDiffusion:
+    """A randomly initialised model of `family` ("sd1", "sd2-v", "sdxl", ...) at any size.
+
+    Each network's config defaults to the family's full-size one; pass a config or a dict of fields to
+    change (e.g. `unet={"model_channels": 32}`). The U-Net's `context_dim` follows the text encoder
+    width(s) unless given. Initialisation is seeded and leaves the global RNG untouched.
+    """
+    fam = get_family(family)
+    te_overrides = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    te_configs = {s.name: _as_config(CLIPTextConfig, te_overrides.get(s.name), s.config) for s in fam.text_encoders}
+    unet_cfg = _as_config(UNetConfig, unet, fam.unet)
+    given = set(unet) if isinstance(unet, Mapping) else {"context_dim", "adm_in_channels"} if unet else set()
+    if "context_dim" not in given:  # cross-attention width follows the text encoder(s)
+        unet_cfg = dataclasses.replace(unet_cfg, context_dim=sum(c.width for c in te_configs.values()))
+    if fam.vector_conditioning and "adm_in_channels" not in given:  # pooled text + 256 per size number
+        pooled = next(c.projection_dim or c.width for s, c in zip(fam.text_encoders, te_configs.values())
+                      if s.pooled)
+        unet_cfg = dataclasses.replace(unet_cfg, adm_in_channels=pooled + (5 if fam.refiner else 6) * 256)
+    vae_cfg = _as_config(VAEConfig, vae, fam.vae)
+    factory = {"device": device, "dtype": dtype}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet_model = UNetModel(unet_cfg, **factory)
+        vae_model = AutoencoderKL(vae_cfg, scale_factor=latent_scale or fam.latent_scale, **factory)
+        encoders = {s.name: build_text_encoder(s, te_configs[s.name], **factory) for s in fam.text_encoders}
+    sd = StableDiffusion(fam, unet_model, vae_model, encoders, prediction=prediction)
+    return sd.eval()
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    vae: str | os.PathLike | None = None,
+    prediction: str | None = None,
+) -> StableDiffusion:
+    """Load a `.safetensors` / `.ckpt` single file or a diffusers folder, never running code from it.
+
+    dtype: compute dtype of every network (default: float32 on CPU, float16 on CUDA).
+    vae: a separate VAE file (single-file VAE, full checkpoint or diffusers `vae/` weights) that replaces
+        the model's own.
+    prediction: "eps" or "v"; needed only for SD 2.x files whose metadata does not say (otherwise it is
+        read from a sidecar `.yaml`, the ModelSpec metadata, or guessed with a log message).
+    """
+    from kuas.checkpoints.formats import detect_format
+
+    if prediction is not None and prediction not in ("eps", "v"):
+        raise InvalidInputError(f"prediction must be 'eps' or 'v', not {prediction!r}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    fmt = detect_format(path)
+    if fmt == "diffusers-folder":
+        weights, metadata, configs, hints = _read_diffusers(path)
+    else:
+        weights, metadata, configs, hints = _read_single_file(path)
+    sd = _assemble(path, weights, metadata, configs, hints, dtype=dtype, device=device, prediction=prediction)
+    if vae is not None:
+        sd.vae = load_vae(vae, dtype=dtype, device=device, scale_factor=sd.vae.scale_factor)
+    return sd.eval()
+
+
+@dataclass
+class _Hints:
+    """What a source says beyond its tensors: text-encoder layer overrides, prediction type."""
+
+    text_layers: dict[str, tuple[int, bool]] = dataclasses.field(default_factory=dict)
+    prediction: str | None = None
+    prediction_source: str = ""
+
+
+def _read_single_file(path):
+    from kuas.checkpoints.state_dict import ema_state_dict, read_state_dict
+
+    weights = ema_state_dict(read_state_dict(path))
+    metadata = dict(weights.metadata)
+    configs: dict[str, Any] = {}
+    hints = _Hints()
+    raw = metadata.get(KUAS_CONFIG_KEY)
+    if raw:
+        try:
+            kc = json.loads(raw)
+            configs["unet"] = UNetConfig.from_dict(kc["unet"])
+            configs["vae"] = VAEConfig.from_dict(kc["vae"])
+            for name, te in kc.get("text_encoders", {}).items():
+                configs[name] = CLIPTextConfig.from_dict(te["config"])
+                hints.text_layers[name] = (int(te["layer"]), bool(te["final_norm"]))
+            configs["family"] = kc.get("family")
+            configs["latent_scale"] = kc.get("latent_scale")
+            if kc.get("prediction") in ("eps", "v"):
+                hints.prediction, hints.prediction_source = kc["prediction"], "kuas metadata"
+        except (ValueError, KeyError, TypeError) as e:
+            from kuas.errors import CheckpointError
+
+            raise CheckpointError(path, f"has a malformed {KUAS_CONFIG_KEY} metadata entry ({e}); "
+                                        f"re-save it with kuas or remove that entry") from None
+    return weights, metadata, configs, hints
+
+
+def _read_diffusers(path):
+    from kuas.errors import CheckpointError
+
+    raise CheckpointError(path, "is a diffusers folder; loading those lands with the diffusers key table")
+
+
+def _sidecar_prediction(path: str | os.PathLike) -> str | None:
+    """`parameterization: "v"` in a `.yaml` next to the checkpoint (the reference configs' convention)."""
+    p = Path(path)
+    for yaml_path in (p.with_suffix(".yaml"), p.with_suffix(".yml")):
+        if yaml_path.is_file() and yaml_path.stat().st_size < 1_000_000:
+            import re
+
+            text = yaml_path.read_text(errors="replace")
+            m = re.search(r"^\s*parameterization\s*:\s*[\"']?(\w+)", text, re.MULTILINE)
+            if m:
+                return "v" if m.group(1).lower() in ("v", "v_prediction") else "eps"
+            return "eps"  # a reference yaml without the key means eps
+    return None
+
+
+def _guess_prediction(weights: Mapping[str, Tensor]) -> str:
+    """SD 2.x v-models' last output block norm biases are far from zero (an observed weight statistic,
+    used by ComfyUI too); a guess, logged as such."""
+    key = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    t = weights.get(key)
+    if t is not None and t.device.type != "meta" and float(t.float().std(unbiased=False)) > 0.09:
+        return "v"
+    return "eps"
+
+
+def _assemble(path, weights, metadata, configs, hints, *, dtype, device, prediction) -> StableDiffusion:
+    from kuas.checkpoints.families import PREDICTION_TWINS, detect_family
+    from kuas.checkpoints.metadata import prediction_from_metadata
+    from kuas.checkpoints.state_dict import DEFAULT_ALLOWED_EXTRA, load_into
+    from kuas.errors import CheckpointError
+    from kuas.models.clip import infer_clip_config, infer_openclip_config
+    from kuas.models.unet import infer_unet_config
+    from kuas.models.vae import infer_vae_config
+
+    probe = UNET_PREFIX + "input_blocks.0.0.weight"
+    if probe not in weights:
+        raise CheckpointError(path, f"has no Stable Diffusion U-Net (no {probe!r}); is it a VAE, LoRA, "
+                                    f"embedding or another kind of model?")
+    candidates = detect_family(weights.keys(), int(weights[probe].shape[1]), path=os.fspath(path))
+    # Which of eps/v twins: explicit argument, sidecar yaml, metadata, kuas metadata, then a guess.
+    pred, source = prediction, "argument"
+    if pred is None and len(candidates) > 1:
+        pred, source = _sidecar_prediction(path), "sidecar yaml"
+        if pred is None:
+            pred, source = prediction_from_metadata(metadata), "ModelSpec metadata"
+        if pred is None and hints.prediction:
+            pred, source = hints.prediction, hints.prediction_source
+        if pred is None:
+            pred = _guess_prediction(weights)
+            log.warning("%s: SD 2.x weights do not say whether they predict eps or v; guessing %r. Pass "
+                        "prediction='eps' or 'v' (CLI: --prediction) if images look wrong.", path, pred)
+            source = "guess"
+    if len(candidates) > 1:
+        fam = get_family(PREDICTION_TWINS[candidates[0].name][pred])
+    else:
+        fam = candidates[0]
+        pred = pred or hints.prediction or prediction_from_metadata(metadata) or fam.prediction
+    log.debug("%s: family %s, prediction %s (%s)", path, fam.name, pred, source)
+
+    factory = {"device": "meta"}
+    unet_cfg = configs.get("unet") or infer_unet_config(weights, UNET_PREFIX)
+    vae_cfg = configs.get("vae") or infer_vae_config(weights, VAE_PREFIX)
+    unet = UNetModel(unet_cfg, **factory)
+    vae_model = AutoencoderKL(vae_cfg, scale_factor=configs.get("latent_scale") or fam.latent_scale, **factory)
+    encoders: dict[str, nn.Module] = {}
+    for spec in fam.text_encoders:
+        infer = infer_clip_config if spec.kind == "clip" else infer_openclip_config
+        cfg = configs.get(spec.name) or infer(weights, spec.prefix)
+        encoders[spec.name] = build_text_encoder(spec, cfg, **factory)
+
+    load_into(unet, weights, prefix=UNET_PREFIX, path=path, dtype=dtype, device=device)
+    load_into(vae_model, weights, prefix=VAE_PREFIX, path=path, dtype=dtype, device=device)
+    for spec in fam.text_encoders:
+        load_into(encoders[spec.name], weights, prefix=spec.prefix, path=path, dtype=dtype, device=device)
+    _check_leftovers(path, weights, [UNET_PREFIX, VAE_PREFIX] + [s.prefix for s in fam.text_encoders],
+                     DEFAULT_ALLOWED_EXTRA)
+    return StableDiffusion(fam, unet, vae_model, encoders, prediction=pred, text_layers=hints.text_layers,
+                           path=path if os.path.isfile(path) else None, metadata=metadata)
+
+
+def _check_leftovers(path, weights, prefixes, allowed) -> None:
+    """Keys that belong to no component and are not known harmless extras are an error."""
+    from fnmatch import fnmatchcase
+
+    from kuas.checkpoints.state_dict import _describe_keys
+    from kuas.errors import CheckpointError
+
+    stray = [k for k in weights if not k.startswith(tuple(prefixes))
+             and not any(fnmatchcase(k, p) or fnmatchcase(k.split(".", 1)[-1], p) for p in allowed)]
+    if stray:
+        raise CheckpointError(path, "has keys that belong to no part of the model: "
+                                    + "; ".join(_describe_keys("unexpected", stray)))
+
+
+def load_vae(
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    scale_factor: float = 0.18215,
+) -> AutoencoderKL:
+    """A VAE from its own file: a VAE-only single file (with or without `first_stage_model.`), a full
+    checkpoint (its VAE is taken) or diffusers `vae/` weights."""
+    from kuas.checkpoints.state_dict import read_state_dict, load_into
+    from kuas.models.vae import infer_vae_config
+
+    weights = read_state_dict(path)
+    prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in weights) else ""
+    if not prefix and "decoder.conv_in.weight" not in weights:
+        from kuas.checkpoints.diffusers_keys import diffusers_to_native
+
+        converted = diffusers_to_native("vae", weights, None)
+        weights, cfg = converted.tensors, converted.config
+    else:
+        cfg = infer_vae_config(weights, prefix)
+    vae = AutoencoderKL(cfg, scale_factor=scale_factor, device="meta")
+    load_into(vae, weights, prefix=prefix, path=path, dtype=dtype, device=device)
+    return vae.eval()
