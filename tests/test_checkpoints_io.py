@@ -47,9 +47,9 @@ def sample_tensors(rng: torch.Generator) -> dict[str, torch.Tensor]:
         "f16": torch.randn(3, 4, generator=rng).half(),
         "bf16": torch.randn(6, generator=rng).bfloat16(),
         "f64": torch.randn(2, 2, generator=rng).double(),
-        "i64": torch.randint(-2**62, 2**62, (4,), generator=rng),
-        "i32": torch.randint(-2**31, 2**31 - 1, (3,), generator=rng, dtype=torch.int32),
-        "i16": torch.randint(-2**15, 2**15 - 1, (3,), generator=rng, dtype=torch.int16),
+        "i64": torch.randint(-(2**62), 2**62, (4,), generator=rng),
+        "i32": torch.randint(-(2**31), 2**31 - 1, (3,), generator=rng, dtype=torch.int32),
+        "i16": torch.randint(-(2**15), 2**15 - 1, (3,), generator=rng, dtype=torch.int16),
         "i8": torch.randint(-128, 127, (5,), generator=rng, dtype=torch.int8),
         "u8": torch.randint(0, 255, (5,), generator=rng, dtype=torch.uint8),
         "bool": torch.tensor([True, False, True]),
@@ -100,13 +100,18 @@ def test_state_dict_is_read_only_mapping(tmp_path):
 
 
 def test_header_only_read_reports_entries_without_mapping(tmp_path):
-    save_safetensors(tmp_path / "a.safetensors", {"b": torch.zeros(2, 3, dtype=torch.float16), "a": torch.ones(4)},
-                     {"k": "v"})
+    save_safetensors(
+        tmp_path / "a.safetensors",
+        {"b": torch.zeros(2, 3, dtype=torch.float16), "a": torch.ones(4)},
+        {"k": "v"},
+    )
     entries, meta = read_safetensors_header(tmp_path / "a.safetensors")
     assert meta == {"k": "v"}
     # Written with the 4-byte dtype first (alignment), offsets tile the buffer.
     assert [(e.name, e.dtype, e.shape, e.begin, e.end) for e in entries.values()] == [
-        ("a", "F32", (4,), 0, 16), ("b", "F16", (2, 3), 16, 28)]
+        ("a", "F32", (4,), 0, 16),
+        ("b", "F16", (2, 3), 16, 28),
+    ]
     assert entries["b"].torch_dtype == torch.float16 and entries["b"].numel == 6 and entries["b"].nbytes == 12
 
 
@@ -136,8 +141,10 @@ def test_misaligned_tensors_are_copied_correctly(tmp_path, rng):
     # An F16 tensor of 3 elements first puts the F32 tensor at byte 6 of the buffer: not 4-byte aligned.
     a = torch.randn(3, generator=rng).half()
     b = torch.randn(5, generator=rng)
-    header = {"a": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
-              "b": {"dtype": "F32", "shape": [5], "data_offsets": [6, 26]}}
+    header = {
+        "a": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
+        "b": {"dtype": "F32", "shape": [5], "data_offsets": [6, 26]},
+    }
     path = tmp_path / "mis.safetensors"
     path.write_bytes(_raw_safetensors(header, bits(a) + bits(b), pad_to=8))
     sd = read_safetensors(path)
@@ -181,11 +188,13 @@ def test_loading_200mb_file_maps_it_instead_of_copying(tmp_path):
         total = sum(float(sd[k].sum()) for k in sd)  # touches every byte of every tensor
         print(total, status("VmHWM") - base)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     total, peak_increase = out.stdout.split()
     assert float(total) == sum(float(i) * numel for i in range(n_tensors))
-    assert int(peak_increase) <= 1.2 * size, (int(peak_increase) / size)
+    assert int(peak_increase) <= 1.2 * size, int(peak_increase) / size
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -245,7 +254,7 @@ def test_torch_zip_round_trip_is_bit_identical(tmp_path, rng):
     sd["half"] = base
     sd["view"] = base[2:7]  # shares storage with "half"
     sd["bf16"] = torch.randn(3, 3, generator=rng).bfloat16()
-    sd["long"] = torch.randint(-2**62, 2**62, (5,), generator=rng)
+    sd["long"] = torch.randint(-(2**62), 2**62, (5,), generator=rng)
     sd["param"] = nn.Parameter(torch.randn(2, 3, generator=rng))
     sd["frozen"] = nn.Parameter(torch.randn(2, generator=rng), requires_grad=False)
     sd["t"] = torch.randn(3, 4, generator=rng).t()
@@ -254,8 +263,14 @@ def test_torch_zip_round_trip_is_bit_identical(tmp_path, rng):
     sd._metadata = OrderedDict({"": {"version": 1}})  # what nn.Module.state_dict() attaches
     if hasattr(torch, "float8_e4m3fn"):
         sd["f8"] = torch.randn(4, generator=rng).to(torch.float8_e4m3fn)  # pickled via _rebuild_tensor_v3
-    obj = {"state_dict": sd, "global_step": 470000, "epoch": 6, "lr": 1e-4, "name": "x",
-           "nested": {"list": [base, (1, 2.5, "s")], "set": {1, 2}, "size": torch.Size([2, 3])}}
+    obj = {
+        "state_dict": sd,
+        "global_step": 470000,
+        "epoch": 6,
+        "lr": 1e-4,
+        "name": "x",
+        "nested": {"list": [base, (1, 2.5, "s")], "set": {1, 2}, "size": torch.Size([2, 3])},
+    }
     path = tmp_path / "model.ckpt"
     torch.save(obj, path)
 
@@ -313,9 +328,17 @@ def test_embedding_style_objects_load_whole(tmp_path, rng):
     import numpy as np
 
     vec = torch.randn(2, 768, generator=rng)
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": nn.ParameterDict({"*": nn.Parameter(vec)}),
-                "name": "emb", "step": np.int64(1500), "loss": np.float64(0.125), "flag": np.bool_(True)},
-               tmp_path / "emb.pt")
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": nn.ParameterDict({"*": nn.Parameter(vec)}),
+            "name": "emb",
+            "step": np.int64(1500),
+            "loss": np.float64(0.125),
+            "flag": np.bool_(True),
+        },
+        tmp_path / "emb.pt",
+    )
     obj = load_pickle(tmp_path / "emb.pt")
     assert_same(obj["string_to_param"]["*"], vec)
     assert obj["string_to_token"] == {"*": 265} and obj["name"] == "emb"
@@ -327,12 +350,20 @@ def test_embedding_style_objects_load_whole(tmp_path, rng):
 
 def test_lightning_model_checkpoint_callback_is_inert_stub(tmp_path):
     """Official SD .ckpt files pickle a pytorch_lightning ModelCheckpoint; it must load without lightning."""
+
     def text(s: str) -> bytes:  # BINUNICODE
         return b"X" + len(s.encode()).to_bytes(4, "little") + s.encode()
 
     # The opcodes protocol 2 writes for such an object: GLOBAL, EMPTY_TUPLE, NEWOBJ, dict state, BUILD.
-    pkl = (b"\x80\x02}(" + text("callbacks") + b"cpytorch_lightning.callbacks.model_checkpoint\nModelCheckpoint\n"
-           + b")\x81}" + text("dirpath") + text("/tmp") + b"sbu.")
+    pkl = (
+        b"\x80\x02}("
+        + text("callbacks")
+        + b"cpytorch_lightning.callbacks.model_checkpoint\nModelCheckpoint\n"
+        + b")\x81}"
+        + text("dirpath")
+        + text("/tmp")
+        + b"sbu."
+    )
     path = tmp_path / "cb.ckpt"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", pkl)
@@ -350,20 +381,26 @@ def _diffusers_folder(root, rng):
     unet32 = {"conv_in.weight": torch.randn(4, 4, generator=rng)}
     (root / "unet").mkdir(parents=True)
     save_safetensors(root / "unet" / "diffusion_pytorch_model.safetensors", unet32)
-    save_safetensors(root / "unet" / "diffusion_pytorch_model.fp16.safetensors",
-                     {k: v.half() for k, v in unet32.items()})
+    save_safetensors(
+        root / "unet" / "diffusion_pytorch_model.fp16.safetensors", {k: v.half() for k, v in unet32.items()}
+    )
     torch.save({"conv_in.weight": torch.zeros(4, 4)}, root / "unet" / "diffusion_pytorch_model.bin")
     (root / "unet" / "config.json").write_text(json.dumps({"in_channels": 4}))
     (root / "vae").mkdir()
     torch.save({"decoder.conv_out.weight": torch.ones(3)}, root / "vae" / "diffusion_pytorch_model.bin")
     (root / "text_encoder").mkdir()
-    save_safetensors(root / "text_encoder" / "model.safetensors", {"text_model.final_layer_norm.weight": torch.ones(8)})
+    save_safetensors(
+        root / "text_encoder" / "model.safetensors", {"text_model.final_layer_norm.weight": torch.ones(8)}
+    )
     te2 = root / "text_encoder_2"
     te2.mkdir()
     save_safetensors(te2 / "model-00001-of-00002.safetensors", {"a": torch.ones(2)})
     save_safetensors(te2 / "model-00002-of-00002.safetensors", {"b": torch.zeros(2)})
-    (te2 / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (te2 / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+        )
+    )
     (root / "model_index.json").write_text("{}")
     return unet32
 
@@ -387,7 +424,8 @@ def test_diffusers_shard_index_cannot_point_outside_the_folder(tmp_path, rng):
     _diffusers_folder(tmp_path, rng)
     save_safetensors(tmp_path / "outside.safetensors", {"x": torch.ones(1)})
     (tmp_path / "text_encoder_2" / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"x": "../outside.safetensors"}}))
+        json.dumps({"weight_map": {"x": "../outside.safetensors"}})
+    )
     with pytest.raises(CheckpointError, match="not a file in the same folder"):
         read_diffusers_folder_files(tmp_path)
 
@@ -440,16 +478,23 @@ def test_strict_load_reports_missing_unexpected_and_shapes_grouped(rng):
 
 def test_strict_load_accepts_allow_listed_extras_and_ignores_other_prefixes(rng):
     sd = _full_checkpoint(rng)
-    extras = {"betas": torch.zeros(1000), "alphas_cumprod": torch.zeros(1000), "model_ema.decay": torch.tensor(0.9999),
-              "model_ema.num_updates": torch.tensor(5), "model_ema.diffusion_modelconv_inweight": torch.zeros(1),
-              "first_stage_model.decoder.conv_out.weight": torch.zeros(3),
-              "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)}
+    extras = {
+        "betas": torch.zeros(1000),
+        "alphas_cumprod": torch.zeros(1000),
+        "model_ema.decay": torch.tensor(0.9999),
+        "model_ema.num_updates": torch.tensor(5),
+        "model_ema.diffusion_modelconv_inweight": torch.zeros(1),
+        "first_stage_model.decoder.conv_out.weight": torch.zeros(3),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77),
+    }
     sd.update(extras)
     module = Tiny()
     load_into(module, sd, prefix="model.diffusion_model.")
     assert torch.equal(module.conv_in.weight, sd["model.diffusion_model.conv_in.weight"])
     # Without a prefix, the schedule buffers and EMA keys are still allowed; the other components are not.
-    plain = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    plain = {
+        k[len("model.diffusion_model.") :]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")
+    }
     plain.update({k: extras[k] for k in ("betas", "alphas_cumprod", "model_ema.decay")})
     plain["text.embeddings.position_ids"] = torch.arange(3)
     load_into(Tiny(), plain)
@@ -487,11 +532,16 @@ def test_load_into_meta_module_uses_mapped_tensors_without_copy(tmp_path, rng):
 
 
 def test_ema_state_dict_takes_ldm_ema_weights(rng):
-    unet = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2),
-            "model.diffusion_model.out.2.bias": torch.zeros(3)}
-    ema = {"model_ema.diffusion_modelinput_blocks00weight": torch.ones(2),
-           "model_ema.diffusion_modelout2bias": torch.full((3,), 2.0),
-           "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(10, dtype=torch.int32)}
+    unet = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2),
+        "model.diffusion_model.out.2.bias": torch.zeros(3),
+    }
+    ema = {
+        "model_ema.diffusion_modelinput_blocks00weight": torch.ones(2),
+        "model_ema.diffusion_modelout2bias": torch.full((3,), 2.0),
+        "model_ema.decay": torch.tensor(0.9999),
+        "model_ema.num_updates": torch.tensor(10, dtype=torch.int32),
+    }
     other = {"first_stage_model.decoder.conv_out.bias": torch.full((3,), 5.0)}
     sd = StateDict({**unet, **ema, **other}, path="x.ckpt", format="torch-zip", metadata={"epoch": "1"})
     out = ema_state_dict(sd)

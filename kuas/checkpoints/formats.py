@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from kuas.errors import CheckpointError
+from kuas.errors import CheckpointError, UnsafeCheckpointError
 
-__all__ = ["Format", "ACCEPTED_FORMATS", "detect_format", "StateDict"]
+__all__ = ["ACCEPTED_FORMATS", "Format", "StateDict", "detect_format"]
 
 Format = Literal["safetensors", "torch-zip", "diffusers-folder"]
 
@@ -34,9 +34,9 @@ ACCEPTED_FORMATS = (
 
 # How to get a usable file out of an old pickle without trusting it inside the main process.
 CONVERT_HINT = (
-    "if you trust its source, convert it once in an isolated, throw-away environment (load it with torch.load "
-    "and write the tensors with safetensors.torch.save_file) and use the .safetensors file; better, download "
-    "a .safetensors version of the model"
+    "if you trust its source, convert it once in an isolated, throw-away environment (load it with "
+    "torch.load and write the tensors with safetensors.torch.save_file) and use the .safetensors file; "
+    "better, download a .safetensors version of the model"
 )
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -67,11 +67,15 @@ _SNIFF_BYTES = 512
 def _describe_foreign(head: bytes) -> str:
     """A human description of bytes that are neither safetensors nor a torch zip."""
     if head.startswith(_LEGACY_TORCH_MAGIC):
-        return (f"a legacy (pre-1.6, non-zip) torch.save file, i.e. a raw pickle stream that kuas will not "
-                f"unpickle; {CONVERT_HINT}")
+        return (
+            f"a legacy (pre-1.6, non-zip) torch.save file, i.e. a raw pickle stream that kuas will not "
+            f"unpickle; {CONVERT_HINT}"
+        )
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return (f"a raw pickle stream (protocol {head[1]}), which kuas will not unpickle outside a torch zip "
-                f"archive; {CONVERT_HINT}")
+        return (
+            f"a raw pickle stream (protocol {head[1]}), which kuas will not unpickle outside a torch zip "
+            f"archive; {CONVERT_HINT}"
+        )
     for magic, what in _FOREIGN_MAGICS:
         if head.startswith(magic):
             return f"{what}, not a checkpoint"
@@ -101,20 +105,25 @@ def _misplaced_safetensors_header(head: bytes, file_size: int) -> str | None:
         return None
     after = head[8:16]
     if after.startswith(b"\xef\xbb\xbf"):
-        return "invalid safetensors header: it starts with a UTF-8 byte-order mark; the JSON must start with '{'"
-    if after[:1] in (b" ", b"\t", b"\r", b"\n", b"["):
+        return (
+            "invalid safetensors header: it starts with a UTF-8 byte-order mark; the JSON must start with '{'"
+        )
+    if after[:1] and (32 <= after[0] < 127 or after[0] in (9, 10, 13)):  # JSON-ish text, but not an object
         return f"invalid safetensors header: it must be a JSON object starting with '{{', found {after[:1]!r}"
     return None
 
 
 def detect_format(path: str | os.PathLike) -> Format:
-    """Say which container `path` is from its content (never its extension); raise `CheckpointError` otherwise."""
+    """Which container `path` is, from its content (never its extension); `CheckpointError` otherwise."""
     p = Path(path)
     if p.is_dir():
         if (p / "model_index.json").is_file() or (p / "unet").is_dir():
             return "diffusers-folder"
-        raise CheckpointError(p, f"is a folder but not a diffusers model folder (no model_index.json and no "
-                                 f"unet/ inside); {ACCEPTED_FORMATS}")
+        raise CheckpointError(
+            p,
+            f"is a folder but not a diffusers model folder (no model_index.json and no "
+            f"unet/ inside); {ACCEPTED_FORMATS}",
+        )
     try:
         with open(p, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -124,19 +133,42 @@ def detect_format(path: str | os.PathLike) -> Format:
     except OSError as e:
         raise CheckpointError(p, f"cannot be read: {e.strerror or e}") from None
     if size == 0:
-        raise CheckpointError(p, "the file is empty (0 bytes): the download or copy did not finish; "
-                                 "download it again")
+        raise CheckpointError(
+            p, "the file is empty (0 bytes): the download or copy did not finish; download it again"
+        )
     if head.startswith(_ZIP_MAGIC):
         return "torch-zip"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     if size < 9:
-        raise CheckpointError(p, f"the file is only {size} bytes, too short to be a checkpoint (truncated "
-                                 f"download?); {ACCEPTED_FORMATS}")
+        raise CheckpointError(
+            p,
+            f"the file is only {size} bytes, too short to be a checkpoint (truncated "
+            f"download?); {ACCEPTED_FORMATS}",
+        )
     misplaced = _misplaced_safetensors_header(head, size)
     if misplaced:
         raise CheckpointError(p, misplaced)
-    raise CheckpointError(p, f"the file looks like {_describe_foreign(head)}; {ACCEPTED_FORMATS}")
+    what = _describe_foreign(head)
+    if head[:1] == b"\x80":  # a pickle: name what it would import, without running it
+        dangerous = _dangerous_globals(p)
+        if dangerous:
+            names = ", ".join(dangerous)
+            raise UnsafeCheckpointError(
+                p,
+                f"refused: the file is a raw pickle stream that asks for global "
+                f"{names}, which could run code; kuas never runs code from a file. "
+                f"Do not open it with torch.load either; get a .safetensors version",
+            )
+    raise CheckpointError(p, f"the file looks like {what}; {ACCEPTED_FORMATS}")
+
+
+def _dangerous_globals(path: Path) -> list[str]:
+    """Globals outside kuas' allow-list that a raw pickle refers to (its first MiB, parsed, not run)."""
+    from kuas.checkpoints.pickle_io import scan_globals  # lazy: pickle_io imports this module
+
+    with open(path, "rb") as f:
+        return scan_globals(f.read(1 << 20))
 
 
 class StateDict(Mapping[str, Tensor]):

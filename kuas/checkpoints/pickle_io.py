@@ -19,10 +19,12 @@ so kuas never hands one to a normal unpickler, and never calls ``torch.load``:
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import logging
 import os
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
@@ -30,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -38,7 +40,7 @@ from torch import Tensor
 from kuas.checkpoints.formats import detect_format
 from kuas.errors import CheckpointError, UnsafeCheckpointError
 
-__all__ = ["MAX_ZIP_MEMBERS", "MAX_PICKLE_BYTES", "load_pickle"]
+__all__ = ["MAX_PICKLE_BYTES", "MAX_ZIP_MEMBERS", "load_pickle", "scan_globals"]
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,27 @@ _REFUSAL_HINT = (
 )
 
 # Names torch.save writes under the archive's root folder (checked against torch 1.6 ... 2.13).
-_RECORDS = frozenset({"data.pkl", "version", ".format_version", ".storage_alignment", "byteorder",
-                      ".data/version", ".data/serialization_id"})
+_RECORDS = frozenset(
+    {
+        "data.pkl",
+        "version",
+        ".format_version",
+        ".storage_alignment",
+        "byteorder",
+        ".data/version",
+        ".data/serialization_id",
+    }
+)
 _STORAGE_RECORD = re.compile(r"data/(\d{1,12})")
+
+
+def _global_label(module: str, name: str) -> str:
+    """'module.name', quoted as written in the pickle, plus what Python 3 resolves it to when that differs."""
+    label = f"'{str(module)[:80]}.{str(name)[:80]}'"
+    py3 = _compat_pickle.NAME_MAPPING.get((module, name))
+    if py3 is None and module in _compat_pickle.IMPORT_MAPPING:
+        py3 = (_compat_pickle.IMPORT_MAPPING[module], name)
+    return f"{label} (Python 3: '{py3[0]}.{py3[1]}')" if py3 else label
 
 
 def _q(text: object, limit: int = 100) -> str:
@@ -76,11 +96,13 @@ class _StorageRef:
     byte_offset: int
     nbytes: int
 
-    def aligned_for(self, dtype: torch.dtype) -> "_StorageRef":
+    def aligned_for(self, dtype: torch.dtype) -> _StorageRef:
         """This storage, copied if its start is not a multiple of `dtype`'s item size (views need that)."""
         if self.byte_offset % dtype.itemsize == 0:
             return self
-        copy = torch.empty(0, dtype=torch.uint8).set_(self.base, self.byte_offset, (self.nbytes,), (1,)).clone()
+        copy = (
+            torch.empty(0, dtype=torch.uint8).set_(self.base, self.byte_offset, (self.nbytes,), (1,)).clone()
+        )
         return _StorageRef(self.key, self.dtype, copy.untyped_storage(), 0, self.nbytes)
 
 
@@ -94,8 +116,9 @@ class _TorchZip:
         try:
             self.zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-            raise CheckpointError(path, f"is not a readable zip archive ({e}); the download may be truncated, "
-                                        f"download it again") from None
+            raise CheckpointError(
+                path, f"is not a readable zip archive ({e}); the download may be truncated, download it again"
+            ) from None
         try:
             self._validate()
         except BaseException:
@@ -115,34 +138,47 @@ class _TorchZip:
             tail = f.read(tail_len)
         i = tail.rfind(b"PK\x05\x06")
         if i >= 0 and len(tail) - i >= 22:
-            count = int.from_bytes(tail[i + 10:i + 12], "little")
+            count = int.from_bytes(tail[i + 10 : i + 12], "little")
             if count != 0xFFFF and count > MAX_ZIP_MEMBERS:
-                raise CheckpointError(self.path, f"bad zip archive: {count} members, more than the "
-                                                 f"{MAX_ZIP_MEMBERS} a checkpoint can plausibly have")
+                raise CheckpointError(
+                    self.path,
+                    f"bad zip archive: {count} members, more than the "
+                    f"{MAX_ZIP_MEMBERS} a checkpoint can plausibly have",
+                )
 
     def _validate(self) -> None:
         path = self.path
         infos = self.zip.infolist()
         if len(infos) > MAX_ZIP_MEMBERS:
-            raise CheckpointError(path, f"bad zip archive: {len(infos)} members, more than the "
-                                        f"{MAX_ZIP_MEMBERS} a checkpoint can plausibly have")
+            raise CheckpointError(
+                path,
+                f"bad zip archive: {len(infos)} members, more than the "
+                f"{MAX_ZIP_MEMBERS} a checkpoint can plausibly have",
+            )
         names = [info.orig_filename for info in infos]
         if any(n.endswith("/constants.pkl") for n in names) or any("/code/" in n for n in names):
-            raise CheckpointError(path, "is a TorchScript archive (torch.jit.save), not a checkpoint of weights")
-        pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
-        if len(pickles) != 1:
-            raise CheckpointError(path, f"bad zip archive: it has {len(pickles)} data.pkl files, a torch "
-                                        f"checkpoint has exactly one")
+            raise CheckpointError(
+                path, "is a TorchScript archive (torch.jit.save), not a checkpoint of weights"
+            )
         roots: set[str] = set()
         seen: set[str] = set()
         self.storage_infos: dict[str, zipfile.ZipInfo] = {}
         for info in infos:
             name = info.orig_filename
             parts = name.split("/")
-            if (name.startswith("/") or "\\" in name or "\x00" in name or len(parts) < 2
-                    or any(p in ("", ".", "..") for p in parts) or ":" in parts[0]):
-                raise CheckpointError(path, f"bad file inside the zip archive: {_q(name)} (unsafe or "
-                                            f"unexpected name); refusing the whole file")
+            if (
+                name.startswith("/")
+                or "\\" in name
+                or "\x00" in name
+                or len(parts) < 2
+                or any(p in ("", ".", "..") for p in parts)
+                or ":" in parts[0]
+            ):
+                raise CheckpointError(
+                    path,
+                    f"bad file inside the zip archive: {_q(name)} (unsafe or "
+                    f"unexpected name); refusing the whole file",
+                )
             if name in seen:
                 raise CheckpointError(path, f"bad zip archive: {_q(name)} is listed twice")
             seen.add(name)
@@ -154,22 +190,38 @@ class _TorchZip:
             if storage:
                 self.storage_infos[storage.group(1)] = info
             elif rest not in _RECORDS:
-                raise CheckpointError(path, f"bad file inside the zip archive: {_q(name)} is not something "
-                                            f"torch.save writes; refusing the whole file")
+                raise CheckpointError(
+                    path,
+                    f"bad file inside the zip archive: {_q(name)} is not something "
+                    f"torch.save writes; refusing the whole file",
+                )
             if rest == "data.pkl":
                 self.pickle_info = info
+        pickles = [n for n in names if n.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise CheckpointError(
+                path,
+                f"bad zip archive: it has {len(pickles)} data.pkl files, a torch checkpoint has exactly one",
+            )
         if len(roots) != 1:
-            raise CheckpointError(path, f"bad zip archive: members under {len(roots)} top folders, torch.save "
-                                        f"writes one")
+            raise CheckpointError(
+                path, f"bad zip archive: members under {len(roots)} top folders, torch.save writes one"
+            )
         self.root = roots.pop()
         if f"{self.root}/byteorder" in seen:
             order = self.zip.read(f"{self.root}/byteorder")
             if order != b"little":
-                raise CheckpointError(path, f"the checkpoint's byte order is {_q(order.decode('latin1'))}; kuas "
-                                            f"reads little-endian checkpoints only")
+                raise CheckpointError(
+                    path,
+                    f"the checkpoint's byte order is {_q(order.decode('latin1'))}; kuas "
+                    f"reads little-endian checkpoints only",
+                )
         if self.pickle_info.file_size > MAX_PICKLE_BYTES:
-            raise CheckpointError(path, f"bad zip archive: data.pkl claims {self.pickle_info.file_size} bytes, "
-                                        f"more than the {MAX_PICKLE_BYTES} kuas accepts")
+            raise CheckpointError(
+                path,
+                f"bad zip archive: data.pkl claims {self.pickle_info.file_size} bytes, "
+                f"more than the {MAX_PICKLE_BYTES} kuas accepts",
+            )
 
     def read_pickle(self) -> bytes:
         with self.zip.open(self.pickle_info) as f:
@@ -187,18 +239,22 @@ class _TorchZip:
         return self._map
 
     def _member_data_offset(self, info: zipfile.ZipInfo) -> int:
-        """Where a stored member's bytes start: after its local header, which may differ from the directory."""
+        """Where a stored member's bytes start: after its local header (not the directory's copy)."""
         with open(self.path, "rb") as f:
             f.seek(info.header_offset)
             local = f.read(30)
             if len(local) != 30 or local[:4] != b"PK\x03\x04":
-                raise CheckpointError(self.path, f"bad zip archive: no local header for {_q(info.orig_filename)}")
+                raise CheckpointError(
+                    self.path, f"bad zip archive: no local header for {_q(info.orig_filename)}"
+                )
             name_len = int.from_bytes(local[26:28], "little")
             extra_len = int.from_bytes(local[28:30], "little")
             encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
             if f.read(name_len) != info.orig_filename.encode(encoding):
-                raise CheckpointError(self.path, f"bad zip archive: the local header of {_q(info.orig_filename)} "
-                                                 f"names a different file")
+                raise CheckpointError(
+                    self.path,
+                    f"bad zip archive: the local header of {_q(info.orig_filename)} names a different file",
+                )
         return info.header_offset + 30 + name_len + extra_len
 
     def storage(self, key: str, dtype: torch.dtype, numel: int) -> _StorageRef:
@@ -207,24 +263,32 @@ class _TorchZip:
         cached = self._storages.get(key)
         if cached is not None:
             if cached.dtype != dtype or cached.nbytes != numel * dtype.itemsize:
-                raise CheckpointError(path, f"corrupt checkpoint: storage {_q(key)} is used with two different "
-                                            f"types or sizes")
+                raise CheckpointError(
+                    path, f"corrupt checkpoint: storage {_q(key)} is used with two different types or sizes"
+                )
             return cached
         info = self.storage_infos.get(key)
         if info is None:
-            raise CheckpointError(path, f"corrupt checkpoint: the pickle uses storage {_q(key)}, which is not "
-                                        f"in the archive")
+            raise CheckpointError(
+                path, f"corrupt checkpoint: the pickle uses storage {_q(key)}, which is not in the archive"
+            )
         nbytes = numel * dtype.itemsize
         if info.file_size != nbytes:
-            raise CheckpointError(path, f"corrupt checkpoint: storage {_q(key)} should hold {numel} {dtype} "
-                                        f"elements ({nbytes} bytes) but its archive member has {info.file_size}")
+            raise CheckpointError(
+                path,
+                f"corrupt checkpoint: storage {_q(key)} should hold {numel} {dtype} "
+                f"elements ({nbytes} bytes) but its archive member has {info.file_size}",
+            )
         if nbytes == 0:
             ref = _StorageRef(key, dtype, torch.empty(0, dtype=torch.uint8).untyped_storage(), 0, 0)
         elif info.compress_type == zipfile.ZIP_STORED and info.compress_size == nbytes:
             offset = self._member_data_offset(info)
             if offset + nbytes > self.file_size:
-                raise CheckpointError(path, f"corrupt checkpoint: storage {_q(key)} runs past the end of the "
-                                            f"file (truncated download?)")
+                raise CheckpointError(
+                    path,
+                    f"corrupt checkpoint: storage {_q(key)} runs past the end of the "
+                    f"file (truncated download?)",
+                )
             ref = _StorageRef(key, dtype, self._file_map(), offset, nbytes)
         else:  # compressed by some re-zipping tool: read it (bounded by the size checked above)
             buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -267,8 +331,22 @@ class _ParameterDict(dict):
 class _NumpyDtype:
     """Stands for ``numpy.dtype`` in a pickled numpy scalar: just enough to decode the scalar's bytes."""
 
-    _FORMATS = {"f2": "e", "f4": "f", "f8": "d", "i1": "b", "i2": "h", "i4": "i", "i8": "q",
-                "u1": "B", "u2": "H", "u4": "I", "u8": "Q", "b1": "?"}
+    _FORMATS: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {
+            "f2": "e",
+            "f4": "f",
+            "f8": "d",
+            "i1": "b",
+            "i2": "h",
+            "i4": "i",
+            "i8": "q",
+            "u1": "B",
+            "u2": "H",
+            "u4": "I",
+            "u8": "Q",
+            "b1": "?",
+        }
+    )
 
     def __init__(self, spec: object, align: object = False, copy: object = True) -> None:
         if not isinstance(spec, str) or spec not in self._FORMATS:
@@ -298,14 +376,18 @@ def _numpy_scalar(dtype: object, data: object = None) -> int | float | bool:
 def _codecs_encode(text: object, encoding: object = "utf-8") -> bytes:
     """``_codecs.encode`` as protocol-2 pickles use it for bytes: latin-1 text only."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "iso-8859-1"):
-        raise CheckpointError(None, f"the pickle calls _codecs.encode with {_q(encoding)}; only latin-1 "
-                                    f"byte strings are accepted")
+        raise CheckpointError(
+            None,
+            f"the pickle calls _codecs.encode with {_q(encoding)}; only latin-1 byte strings are accepted",
+        )
     return text.encode("latin1")
 
 
 def _ints(value: object, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
-        raise CheckpointError(None, f"malformed tensor: {what} must be non-negative integers, got {_q(value)}")
+        raise CheckpointError(
+            None, f"malformed tensor: {what} must be non-negative integers, got {_q(value)}"
+        )
     return tuple(value)
 
 
@@ -324,16 +406,23 @@ def _tensor_view(storage: object, dtype: torch.dtype, offset: object, size: obje
         numel *= s
     last = offset + sum((s - 1) * st for s, st in zip(size, stride)) if numel else offset - 1
     if offset > available or last >= available:
-        raise CheckpointError(None, f"malformed tensor: sizes {list(size)}, strides {list(stride)} at offset "
-                                    f"{offset} reach element {last} of storage {_q(storage.key)}, which has "
-                                    f"{available}: refusing an out-of-bounds read")
+        raise CheckpointError(
+            None,
+            f"malformed tensor: sizes {list(size)}, strides {list(stride)} at offset "
+            f"{offset} reach element {last} of storage {_q(storage.key)}, which has "
+            f"{available}: refusing an out-of-bounds read",
+        )
     ref = storage.aligned_for(dtype)
-    return torch.empty(0, dtype=dtype).set_(ref.base, ref.byte_offset // dtype.itemsize + offset, size, stride)
+    return torch.empty(0, dtype=dtype).set_(
+        ref.base, ref.byte_offset // dtype.itemsize + offset, size, stride
+    )
 
 
 def _finish_tensor(t: Tensor, requires_grad: object, metadata: object) -> Tensor:
     if metadata:
-        raise CheckpointError(None, f"tensor carries extra metadata {_q(metadata)}, which kuas does not apply")
+        raise CheckpointError(
+            None, f"tensor carries extra metadata {_q(metadata)}, which kuas does not apply"
+        )
     if requires_grad is True:
         if not t.is_floating_point():
             raise CheckpointError(None, f"malformed tensor: requires_grad on a {t.dtype} tensor")
@@ -343,17 +432,31 @@ def _finish_tensor(t: Tensor, requires_grad: object, metadata: object) -> Tensor
     return t
 
 
-def _rebuild_tensor_v2(storage: object, storage_offset: object, size: object, stride: object,
-                       requires_grad: object, backward_hooks: object, metadata: object = None) -> Tensor:
-    """``torch._utils._rebuild_tensor_v2``: a checked view of an archive storage; hooks are never installed."""
+def _rebuild_tensor_v2(
+    storage: object,
+    storage_offset: object,
+    size: object,
+    stride: object,
+    requires_grad: object,
+    backward_hooks: object,
+    metadata: object = None,
+) -> Tensor:
+    """``torch._utils._rebuild_tensor_v2``: a checked view of an archive storage; hooks are never set."""
     dtype = storage.dtype if isinstance(storage, _StorageRef) else torch.uint8
     t = _tensor_view(storage, dtype, storage_offset, size, stride)
     return _finish_tensor(t, requires_grad, metadata)
 
 
-def _rebuild_tensor_v3(storage: object, storage_offset: object, size: object, stride: object,
-                       requires_grad: object, backward_hooks: object, dtype: object,
-                       metadata: object = None) -> Tensor:
+def _rebuild_tensor_v3(
+    storage: object,
+    storage_offset: object,
+    size: object,
+    stride: object,
+    requires_grad: object,
+    backward_hooks: object,
+    dtype: object,
+    metadata: object = None,
+) -> Tensor:
     """``torch._utils._rebuild_tensor_v3`` (newer dtypes such as float8 over an untyped storage)."""
     if not isinstance(dtype, torch.dtype) or dtype not in _V3_DTYPES.values():
         raise CheckpointError(None, f"malformed tensor: dtype {_q(dtype)}")
@@ -372,8 +475,9 @@ def _rebuild_parameter(data: object, requires_grad: object, backward_hooks: obje
     return torch.nn.Parameter(data.detach(), requires_grad=requires_grad)
 
 
-def _rebuild_parameter_with_state(data: object, requires_grad: object, backward_hooks: object,
-                                  state: object) -> torch.nn.Parameter:
+def _rebuild_parameter_with_state(
+    data: object, requires_grad: object, backward_hooks: object, state: object
+) -> torch.nn.Parameter:
     """``torch._utils._rebuild_parameter_with_state``; the extra Python attributes are dropped."""
     if state:
         log.debug("dropping pickled attributes of a Parameter: %s", _q(state))
@@ -381,18 +485,34 @@ def _rebuild_parameter_with_state(data: object, requires_grad: object, backward_
 
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool, "UntypedStorage": torch.uint8,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+    "UntypedStorage": torch.uint8,
 }
 # dtypes torch pickles by name next to an untyped storage (_rebuild_tensor_v3), where this torch has them.
-_V3_DTYPES = MappingProxyType({
-    name: getattr(torch, name)
-    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "uint16", "uint32",
-                 "uint64")
-    if isinstance(getattr(torch, name, None), torch.dtype)
-})
+_V3_DTYPES = MappingProxyType(
+    {
+        name: getattr(torch, name)
+        for name in (
+            "float8_e4m3fn",
+            "float8_e5m2",
+            "float8_e4m3fnuz",
+            "float8_e5m2fnuz",
+            "uint16",
+            "uint32",
+            "uint64",
+        )
+        if isinstance(getattr(torch, name, None), torch.dtype)
+    }
+)
 
 
 def _allowed_globals() -> Mapping[tuple[str, str], Any]:
@@ -423,8 +543,19 @@ def _allowed_globals() -> Mapping[tuple[str, str], Any]:
 
 _ALLOWED_GLOBALS = _allowed_globals()
 # What REDUCE may call and NEWOBJ may instantiate (everything else on the stack is data).
-_CALLABLE = (OrderedDict, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter,
-             _rebuild_parameter_with_state, torch.Size, set, frozenset, _codecs_encode, _numpy_scalar, _NumpyDtype)
+_CALLABLE = (
+    OrderedDict,
+    _rebuild_tensor_v2,
+    _rebuild_tensor_v3,
+    _rebuild_parameter,
+    _rebuild_parameter_with_state,
+    torch.Size,
+    set,
+    frozenset,
+    _codecs_encode,
+    _numpy_scalar,
+    _NumpyDtype,
+)
 _INSTANTIABLE = (OrderedDict, _ParameterDict, _InertModelCheckpoint)
 _MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
@@ -440,7 +571,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     opcodes that call or mutate objects, not just ``find_class``.
     """
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, data: bytes, path: str, archive: _TorchZip | None) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")
@@ -454,8 +585,10 @@ class _RestrictedUnpickler(pickle._Unpickler):
         module = _MODULE_ALIASES.get(module, module)
         found = _ALLOWED_GLOBALS.get((module, name))
         if found is None:
-            raise self._refuse(f"the pickle asks for global '{str(module)[:80]}.{str(name)[:80]}', which is "
-                               f"not a tensor, a container or a number (it could run code)")
+            raise self._refuse(
+                f"the pickle asks for global {_global_label(module, name)}, which is not a "
+                f"tensor, a container or a number (it could run code)"
+            )
         return found
 
     def persistent_load(self, pid: Any) -> Any:
@@ -466,11 +599,18 @@ class _RestrictedUnpickler(pickle._Unpickler):
             typename = typename.decode("ascii", "replace")
         if isinstance(key, bytes):
             key = key.decode("ascii", "replace")
-        if typename != "storage" or not isinstance(storage_type, _StorageType) or not isinstance(key, str) \
-                or type(numel) is not int or numel < 0:
+        if (
+            typename != "storage"
+            or not isinstance(storage_type, _StorageType)
+            or not isinstance(key, str)
+            or type(numel) is not int
+            or numel < 0
+        ):
             raise CheckpointError(self._path, f"corrupt checkpoint: unexpected persistent id {_q(pid)}")
         if self._archive is None:
-            raise CheckpointError(self._path, "the pickle refers to storages but is not inside a torch archive")
+            raise CheckpointError(
+                self._path, "the pickle refers to storages but is not inside a torch archive"
+            )
         return self._archive.storage(key, storage_type.dtype, numel)
 
     def _load_reduce(self) -> None:
@@ -499,7 +639,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
         inst = self.stack[-1]
         if isinstance(inst, _ParameterDict):
             params = state.get("_parameters") if isinstance(state, dict) else None
-            if not isinstance(params, Mapping) or not all(v is None or isinstance(v, Tensor) for v in params.values()):
+            if not isinstance(params, Mapping) or not all(
+                v is None or isinstance(v, Tensor) for v in params.values()
+            ):
                 raise CheckpointError(self._path, "malformed ParameterDict in the pickle")
             inst.update({k: v for k, v in params.items() if v is not None})
         elif isinstance(inst, _InertModelCheckpoint):
@@ -562,6 +704,35 @@ class _RestrictedUnpickler(pickle._Unpickler):
     del _opcode
 
 
+def scan_globals(data: bytes, limit: int = 3) -> list[str]:
+    """Up to `limit` globals a pickle asks for that kuas does not allow, found by parsing its opcodes only.
+
+    Nothing is executed (pickletools only decodes opcodes); a truncated or malformed stream just ends
+    the scan. Used to name the danger in the error for pickles kuas refuses to open at all.
+    """
+    found: list[str] = []
+    recent: list[str] = []  # the last string pushes, operands of STACK_GLOBAL
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str) and " " in arg:
+                module, name = arg.split(" ", 1)
+            elif opcode.name == "STACK_GLOBAL" and len(recent) == 2:
+                module, name = recent
+            else:
+                if isinstance(arg, str):
+                    recent = (recent + [arg])[-2:]
+                continue
+            module = _MODULE_ALIASES.get(module, module)
+            label = _global_label(module, name)
+            if (module, name) not in _ALLOWED_GLOBALS and label not in found:
+                found.append(label)
+                if len(found) >= limit:
+                    break
+    except ValueError:  # malformed or cut short (UnicodeDecodeError included): report what was seen
+        log.debug("stopped scanning a malformed pickle after %d globals", len(found))
+    return found
+
+
 def _unpickle(data: bytes, path: str, archive: _TorchZip | None) -> Any:
     try:
         return _RestrictedUnpickler(data, path, archive).load()
@@ -571,9 +742,12 @@ def _unpickle(data: bytes, path: str, archive: _TorchZip | None) -> Any:
         raise
     except RecursionError:
         raise CheckpointError(path, "corrupt pickle: nested too deeply") from None
-    except Exception as e:  # malformed opcodes, bad memo references, truncated data ...
-        raise CheckpointError(path, f"corrupt pickle in the checkpoint ({type(e).__name__}: {str(e)[:200]}); "
-                                    f"the file is damaged or not a torch checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - malformed opcodes, bad memo references, truncated data ...
+        raise CheckpointError(
+            path,
+            f"corrupt pickle in the checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+            f"the file is damaged or not a torch checkpoint",
+        ) from None
 
 
 def load_pickle(path: str | os.PathLike) -> Any:
@@ -585,11 +759,16 @@ def load_pickle(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
     fmt = detect_format(path)
     if fmt != "torch-zip":
-        raise CheckpointError(path, f"is a {fmt} file, not a pickled torch archive; read it with "
-                                    f"kuas.checkpoints.state_dict.read_state_dict")
+        raise CheckpointError(
+            path,
+            f"is a {fmt} file, not a pickled torch archive; read it with "
+            f"kuas.checkpoints.state_dict.read_state_dict",
+        )
     if not path.lower().endswith((".ckpt", ".pt", ".pth", ".bin", ".pkl")):
-        log.warning("%s is a PyTorch zip (pickle) archive despite its name; reading it with the restricted "
-                    "unpickler", path)
+        log.warning(
+            "%s is a PyTorch zip (pickle) archive despite its name; reading it with the restricted unpickler",
+            path,
+        )
     archive = _TorchZip(path)
     try:
         return _unpickle(archive.read_pickle(), path, archive)

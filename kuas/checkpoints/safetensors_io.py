@@ -30,15 +30,15 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
-from kuas.errors import CheckpointError, InvalidInputError
 from kuas.checkpoints.formats import StateDict
+from kuas.errors import CheckpointError, InvalidInputError
 
 __all__ = [
     "MAX_HEADER_SIZE",
     "SAFETENSORS_DTYPES",
     "TensorEntry",
-    "read_safetensors_header",
     "read_safetensors",
+    "read_safetensors_header",
     "save_safetensors",
 ]
 
@@ -61,8 +61,13 @@ def _dtype_table() -> Mapping[str, torch.dtype]:
         "U8": torch.uint8,
         "BOOL": torch.bool,
     }
-    optional = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-                "U16": "uint16", "U32": "uint32", "U64": "uint64"}
+    optional = {
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+        "U16": "uint16",
+        "U32": "uint32",
+        "U64": "uint64",
+    }
     for name, attr in optional.items():
         dtype = getattr(torch, attr, None)
         if isinstance(dtype, torch.dtype):
@@ -124,8 +129,10 @@ def _invalid(path: str | os.PathLike, problem: str) -> CheckpointError:
     return CheckpointError(path, f"invalid safetensors file: {problem}")
 
 
-def _parse_header(path: str | os.PathLike, raw: bytes, buffer_size: int) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Validate header bytes against a buffer of `buffer_size` bytes; return (entries in file order, metadata)."""
+def _parse_header(
+    path: str | os.PathLike, raw: bytes, buffer_size: int
+) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Validate header bytes against a `buffer_size`-byte data section: (entries in file order, metadata)."""
     if not raw.startswith(b"{"):
         hint = " (it starts with a UTF-8 byte-order mark)" if raw.startswith(b"\xef\xbb\xbf") else ""
         raise _invalid(path, f"the header must be a JSON object starting with '{{'{hint}")
@@ -160,12 +167,18 @@ def _parse_header(path: str | os.PathLike, raw: bytes, buffer_size: int) -> tupl
             problem = "overlaps the previous tensor" if entry.begin < expected else "leaves a gap before it"
             if expected == 0:
                 problem = "is the first tensor but does not start at offset 0"
-            raise _invalid(path, f"tensor {_short(entry.name)}: data_offsets [{entry.begin}, {entry.end}] "
-                                 f"{problem} (expected it to start at {expected})")
+            raise _invalid(
+                path,
+                f"tensor {_short(entry.name)}: data_offsets [{entry.begin}, {entry.end}] "
+                f"{problem} (expected it to start at {expected})",
+            )
         expected = entry.end
     if expected != buffer_size:
-        raise _invalid(path, f"the tensors cover {expected} bytes but the data section after the header has "
-                             f"{buffer_size} (trailing bytes or a corrupted header)")
+        raise _invalid(
+            path,
+            f"the tensors cover {expected} bytes but the data section after the header has "
+            f"{buffer_size} (trailing bytes or a corrupted header)",
+        )
     return entries, metadata
 
 
@@ -178,20 +191,28 @@ def _parse_entry(path: str | os.PathLike, name: str, info: object, buffer_size: 
             raise _invalid(path, f"{what}: the header entry has no {field!r}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        raise _invalid(path, f"{what}: unsupported dtype {dtype!r} (kuas reads "
-                             f"{', '.join(SAFETENSORS_DTYPES)} with this torch)")
+        raise _invalid(
+            path,
+            f"unsupported dtype {repr(dtype)[:40]} in {what} (kuas reads "
+            f"{', '.join(SAFETENSORS_DTYPES)} with this torch)",
+        )
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise _invalid(path, f"{what}: shape must be a list of non-negative integers, got {str(shape)[:80]}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
-        raise _invalid(path, f"{what}: data_offsets must be two integers [begin, end], got {str(offsets)[:80]}")
+        raise _invalid(
+            path, f"{what}: data_offsets must be two integers [begin, end], got {str(offsets)[:80]}"
+        )
     begin, end = offsets
     if begin < 0 or end < 0:
         raise _invalid(path, f"{what}: data_offsets [{begin}, {end}] are negative")
     if end < begin:
         raise _invalid(path, f"{what}: data_offsets [{begin}, {end}] end before they begin")
     if end > buffer_size:
-        raise _invalid(path, f"{what}: data_offsets [{begin}, {end}] run past the end of the file (the data "
-                             f"section has {buffer_size} bytes; truncated download?)")
+        raise _invalid(
+            path,
+            f"{what}: data_offsets [{begin}, {end}] run past the end of the file (the data "
+            f"section has {buffer_size} bytes; truncated download?)",
+        )
     # Python integers do not overflow, but stop multiplying as soon as the size exceeds the file so that a
     # crafted shape costs nothing; that is the reference's overflow check, in effect.
     itemsize = SAFETENSORS_DTYPES[dtype].itemsize
@@ -199,26 +220,40 @@ def _parse_entry(path: str | os.PathLike, name: str, info: object, buffer_size: 
     for d in shape:
         nbytes *= d
         if nbytes > buffer_size:
-            raise _invalid(path, f"{what}: shape {shape} of {dtype} needs more bytes than the whole file holds "
-                                 f"(size overflow)")
+            raise _invalid(
+                path,
+                f"{what}: shape {str(shape)[:80]} of {dtype} needs more bytes than the whole "
+                f"file holds (size overflow or corrupt shape)",
+            )
     if nbytes != end - begin:
-        raise _invalid(path, f"{what}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets "
-                             f"[{begin}, {end}] hold {end - begin}")
+        raise _invalid(
+            path,
+            f"{what}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets "
+            f"[{begin}, {end}] hold {end - begin}",
+        )
     return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
 
 
 def _read_length_prefix(path: str | os.PathLike, f: BinaryIO, file_size: int) -> int:
     """The header length `N`, checked against the cap and the file size before anything is allocated."""
     if file_size < 8:
-        raise _invalid(path, f"the file is {file_size} bytes, too short for the 8-byte header length "
-                             f"(truncated download?)")
+        raise _invalid(
+            path,
+            f"the file is {file_size} bytes, too short for the 8-byte header length (truncated download?)",
+        )
     n = int.from_bytes(f.read(8), "little")
     if n > MAX_HEADER_SIZE:
-        raise _invalid(path, f"header too large: the length prefix says {n} bytes, the limit is "
-                             f"{MAX_HEADER_SIZE} (corrupt file or not safetensors)")
+        raise _invalid(
+            path,
+            f"header too large: the length prefix says {n} bytes, the limit is "
+            f"{MAX_HEADER_SIZE} (corrupt file or not safetensors)",
+        )
     if 8 + n > file_size:
-        raise _invalid(path, f"the file is truncated: the header alone needs {8 + n} bytes but the file has "
-                             f"{file_size}; download it again")
+        raise _invalid(
+            path,
+            f"the file is truncated: the header alone needs {8 + n} bytes but the file has "
+            f"{file_size}; download it again",
+        )
     if n < 2:
         raise _invalid(path, f"the header length {n} is too small for a JSON object")
     return n
@@ -280,8 +315,9 @@ def read_safetensors(path: str | os.PathLike) -> StateDict:
         dtype = e.torch_dtype
         offset = data_start + e.begin
         if offset % dtype.itemsize == 0:
-            t = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, e.shape,
-                                                 _contiguous_strides(e.shape))
+            t = torch.empty(0, dtype=dtype).set_(
+                storage, offset // dtype.itemsize, e.shape, _contiguous_strides(e.shape)
+            )
         else:  # misaligned for its dtype: the only case that costs a copy
             t = _byte_view(storage, offset, e.nbytes).clone().view(dtype).reshape(e.shape)
             copied += e.nbytes
@@ -318,8 +354,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
-                     metadata: Mapping[str, str] | None = None) -> None:
+def save_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
     """Write `tensors` (and string `metadata`) as a safetensors file, atomically.
 
     The file is written under a temporary name in the same folder, flushed to disk and renamed over
@@ -328,18 +365,26 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
     are ordered by decreasing item size and the header is padded to 8 bytes, so every tensor is aligned.
     """
     if sys.byteorder != "little":
-        raise InvalidInputError("save_safetensors writes little-endian data and needs a little-endian machine")
+        raise InvalidInputError(
+            "save_safetensors writes little-endian data and needs a little-endian machine"
+        )
     meta = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise InvalidInputError("safetensors metadata must map str to str; convert values with str() or json.dumps")
+        raise InvalidInputError(
+            "safetensors metadata must map str to str; convert values with str() or json.dumps"
+        )
     items: list[tuple[str, Tensor]] = []
     for name, t in tensors.items():
         if not isinstance(name, str) or name == "__metadata__":
-            raise InvalidInputError(f"invalid tensor name {name!r}: names are strings other than '__metadata__'")
+            raise InvalidInputError(
+                f"invalid tensor name {name!r}: names are strings other than '__metadata__'"
+            )
         if not isinstance(t, Tensor):
             raise InvalidInputError(f"{name!r} is a {type(t).__name__}, not a tensor")
         if t.dtype not in _NAME_OF_DTYPE:
-            raise InvalidInputError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store here")
+            raise InvalidInputError(
+                f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store here"
+            )
         if t.layout != torch.strided or t.device.type == "meta":
             raise InvalidInputError(f"tensor {name!r} has no data to write ({t.layout}, device {t.device})")
         items.append((name, t))
@@ -349,8 +394,11 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
     offset = 0
     for name, t in items:
         nbytes = t.numel() * t.dtype.itemsize
-        header[name] = {"dtype": _NAME_OF_DTYPE[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _NAME_OF_DTYPE[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)

@@ -27,11 +27,11 @@ from kuas.errors import CheckpointError
 __all__ = [
     "DEFAULT_ALLOWED_EXTRA",
     "DIFFUSERS_COMPONENTS",
+    "ema_state_dict",
+    "load_into",
+    "read_diffusers_folder_files",
     "read_state_dict",
     "unwrap_state_dict",
-    "read_diffusers_folder_files",
-    "load_into",
-    "ema_state_dict",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,9 @@ def _has_tensors(obj: object) -> bool:
     return isinstance(obj, Mapping) and any(isinstance(v, Tensor) for v in obj.values())
 
 
-def unwrap_state_dict(obj: Any, path: str | os.PathLike | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+def unwrap_state_dict(
+    obj: Any, path: str | os.PathLike | None = None
+) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors of an unpickled checkpoint and its top-level scalars (as metadata strings).
 
     Lightning/LDM checkpoints keep the weights under ``"state_dict"``; some training scripts use
@@ -95,8 +97,9 @@ def unwrap_state_dict(obj: Any, path: str | os.PathLike | None = None) -> tuple[
     """
     if not isinstance(obj, Mapping):
         raise CheckpointError(path, f"holds a pickled {type(obj).__name__}, not a dict of tensors")
-    metadata = {k: str(v) for k, v in obj.items()
-                if isinstance(k, str) and isinstance(v, (str, int, float, bool))}
+    metadata = {
+        k: str(v) for k, v in obj.items() if isinstance(k, str) and isinstance(v, (str, int, float, bool))
+    }
     chosen: Mapping[Any, Any] = obj
     if _has_tensors(obj.get("state_dict")):
         chosen = obj["state_dict"]
@@ -113,8 +116,11 @@ def unwrap_state_dict(obj: Any, path: str | os.PathLike | None = None) -> tuple[
             skipped += 1
     if not tensors:
         keys = ", ".join(repr(k)[:40] for k in list(obj)[:10])
-        raise CheckpointError(path, f"contains no tensors at the top level or under 'state_dict'/'model'/'module' "
-                                    f"(top-level keys: {keys}); is it an embedding or training state? Use load_pickle")
+        raise CheckpointError(
+            path,
+            f"contains no tensors at the top level or under 'state_dict'/'model'/'module' "
+            f"(top-level keys: {keys}); is it an embedding or training state? Use load_pickle",
+        )
     if skipped:
         log.debug("%s: skipped %d non-tensor entries of the state dict", path, skipped)
     return tensors, metadata
@@ -139,7 +145,9 @@ def _read_json(path: Path) -> dict[str, Any]:
             raise CheckpointError(path, f"is larger than {_MAX_JSON_BYTES} bytes; not a config file")
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(path, f"is not a readable JSON file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise CheckpointError(
+            path, f"is not a readable JSON file ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     if not isinstance(data, dict):
         raise CheckpointError(path, "must hold a JSON object")
     return data
@@ -171,13 +179,20 @@ def _candidates(stems: tuple[str, str], variant: str | None) -> list[str]:
 
     def names(tag: str | None) -> list[str]:
         t = f".{tag}" if tag else ""
-        return [f"{st}{t}.safetensors", f"{st}{t}.safetensors.index.json", f"{pt}{t}.bin", f"{pt}{t}.bin.index.json"]
+        return [
+            f"{st}{t}.safetensors",
+            f"{st}{t}.safetensors.index.json",
+            f"{pt}{t}.bin",
+            f"{pt}{t}.bin.index.json",
+        ]
 
     order = [variant, None] if variant else [None, "fp16"]
     return [n for tag in order for n in names(tag)]
 
 
-def read_diffusers_folder_files(folder: str | os.PathLike, *, variant: str | None = None) -> dict[str, StateDict]:
+def read_diffusers_folder_files(
+    folder: str | os.PathLike, *, variant: str | None = None
+) -> dict[str, StateDict]:
     """The weights and ``config.json`` of each component (unet, vae, text_encoder, text_encoder_2) present.
 
     For each component the first existing file wins: safetensors before ``.bin``, full precision before the
@@ -222,8 +237,11 @@ def ema_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
     result; without them the input comes back unchanged. EMA weights are what the authors evaluate, so
     kuas uses them when present.
     """
-    ema = {k[len("model_ema."):]: k for k in state_dict
-           if k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")}
+    ema = {
+        k[len("model_ema.") :]: k
+        for k in state_dict
+        if k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")
+    }
     path = getattr(state_dict, "path", None)
     fmt = getattr(state_dict, "format", "memory")
     metadata = getattr(state_dict, "metadata", None)
@@ -236,7 +254,7 @@ def ema_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
     for key, value in state_dict.items():
         if key.startswith("model_ema."):
             continue
-        flat = key[len("model."):].replace(".", "") if key.startswith("model.") else None
+        flat = key[len("model.") :].replace(".", "") if key.startswith("model.") else None
         if flat is not None and flat in ema:
             if flat in owner:
                 raise CheckpointError(path, f"EMA key {ema[flat]!r} matches both {owner[flat]!r} and {key!r}")
@@ -244,8 +262,12 @@ def ema_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
             value = state_dict[ema[flat]]
         out[key] = value
     unused = len(ema) - len(owner)
-    log.info("%s: using EMA weights for %d tensors%s", path, len(owner),
-             f" ({unused} EMA tensors matched no model weight)" if unused else "")
+    log.info(
+        "%s: using EMA weights for %d tensors%s",
+        path,
+        len(owner),
+        f" ({unused} EMA tensors matched no model weight)" if unused else "",
+    )
     return StateDict(out, path=path, format=fmt, metadata=metadata)
 
 
@@ -278,14 +300,19 @@ def _describe_keys(kind: str, keys: Iterable[str], max_groups: int = 12) -> list
     return parts
 
 
-def _convert(t: Tensor, target: Tensor, dtype: torch.dtype | None, device: torch.device | str | None) -> Tensor:
+def _convert(
+    t: Tensor, target: Tensor, dtype: torch.dtype | None, device: torch.device | str | None
+) -> Tensor:
     """`t` in the dtype/device the module wants; the same tensor (no copy) when nothing changes."""
     if target.is_floating_point() and t.is_floating_point():
         want_dtype = dtype or target.dtype
     else:
         want_dtype = target.dtype
-    want_device = torch.device(device) if device is not None else (
-        t.device if target.device.type == "meta" else target.device)
+    want_device = (
+        torch.device(device)
+        if device is not None
+        else (t.device if target.device.type == "meta" else target.device)
+    )
     return t.to(device=want_device, dtype=want_dtype)
 
 
@@ -312,12 +339,15 @@ def load_into(
     path = path if path is not None else getattr(state_dict, "path", None)
     patterns = tuple(allowed_extra)
     expected = module.state_dict(keep_vars=True)
-    provided = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    provided = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
     missing = [k for k in expected if k not in provided]
     unexpected = [k for k in provided if k not in expected and not any(fnmatchcase(k, p) for p in patterns)]
-    mismatched = [(k, tuple(provided[k].shape), tuple(expected[k].shape))
-                  for k in expected if k in provided and tuple(provided[k].shape) != tuple(expected[k].shape)]
+    mismatched = [
+        (k, tuple(provided[k].shape), tuple(expected[k].shape))
+        for k in expected
+        if k in provided and tuple(provided[k].shape) != tuple(expected[k].shape)
+    ]
     if missing or unexpected or mismatched:
         parts = _describe_keys("missing", missing) + _describe_keys("unexpected", unexpected)
         for k, got, want in mismatched[:12]:
@@ -325,8 +355,12 @@ def load_into(
         if len(mismatched) > 12:
             parts.append(f"{len(mismatched) - 12} more shape mismatches")
         where = f" under prefix {prefix!r}" if prefix else ""
-        raise CheckpointError(path, f"does not fit {type(module).__name__}{where}: " + "; ".join(parts)
-                              + ". Is it the right model family/config and prefix? kuas never loads partially.")
+        raise CheckpointError(
+            path,
+            f"does not fit {type(module).__name__}{where}: "
+            + "; ".join(parts)
+            + ". Is it the right model family/config and prefix? kuas never loads partially.",
+        )
 
     converted = {k: _convert(provided[k], target, dtype, device) for k, target in expected.items()}
     module.load_state_dict(converted, strict=True, assign=assign)
