@@ -18,6 +18,7 @@ from kuas.errors import KuasError
 COMMAND_MODULES = [
     "kuas.cli.info",
     "kuas.cli.samplers",
+    "kuas.cli.train",
 ]
 
 

@@ -1,0 +1,136 @@
+"""Training data: the procedural world, or a folder of image + same-name `.txt` caption pairs.
+
+Both are indexed by a global sample index and return the same item for the same index, so a resumed
+or multi-rank run sees exactly the data an uninterrupted single-rank run would. A folder is walked in a
+fresh seeded permutation every epoch. Images that cannot be read are skipped (the next file is used)
+and counted, never crash a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kuas.errors import InvalidInputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class Item:
+    image: Tensor | None  # (3, H, W) in [-1, 1]; None when only captions were asked for
+    caption: str
+    scene: Any = None  # the world scene (ground truth) when the data is procedural
+
+
+class WorldSource:
+    """Items of `kuas.world.WorldDataset` (train split by default)."""
+
+    def __init__(self, size: int = 128, seed: int = 0, split: str = "train", canonical_prob: float = 0.5):
+        from kuas.world import WorldDataset
+
+        self.dataset = WorldDataset(split=split, size=size, seed=seed, length=2**62, canonical_prob=canonical_prob)
+        self.size = size
+
+    def item(self, index: int, *, image: bool = True) -> Item:
+        from kuas.world import render
+
+        scene, text = self.dataset.sample(index)
+        if not image:
+            return Item(None, text, scene)
+        pixels = np.asarray(render(scene, self.size), dtype=np.float32)
+        return Item(torch.from_numpy(pixels).permute(2, 0, 1).div_(127.5).sub_(1.0), text, scene)
+
+
+@dataclass
+class FolderSource:
+    """A folder of images with same-name `.txt` captions (the common fine-tuning layout).
+
+    Images are centre-cropped to a square and resized to `size`. A missing caption file gives an empty
+    caption (unconditional training); unreadable images are skipped and counted in `skipped`.
+    """
+
+    root: str | os.PathLike
+    size: int = 512
+    seed: int = 0
+    files: list[Path] = field(default_factory=list)
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        root = Path(self.root)
+        if not root.is_dir():
+            raise InvalidInputError(f"{root}: not a folder; pass a folder of images with .txt captions")
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise InvalidInputError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+
+    def item(self, index: int, *, image: bool = True) -> Item:
+        n = len(self.files)
+        for attempt in range(n):
+            epoch, pos = divmod(index + attempt, n)
+            path = self.files[int(self._order(epoch)[pos])]
+            caption = _read_caption(path)
+            if not image:
+                return Item(None, caption)
+            try:
+                return Item(_load_square(path, self.size), caption)
+            except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, not fatal
+                self.skipped += 1
+                log.warning("skipping unreadable image %s (%s); %d skipped so far", path, e, self.skipped)
+        raise InvalidInputError(f"{self.root}: none of the {n} images could be read")
+
+
+def _read_caption(path: Path) -> str:
+    txt = path.with_suffix(".txt")
+    if not txt.is_file():
+        return ""
+    return txt.read_text(encoding="utf-8", errors="replace").strip()
+
+
+def _load_square(path: Path, size: int) -> Tensor:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "P"):
+            rgba = im.convert("RGBA")
+            im = Image.new("RGB", rgba.size, (255, 255, 255))
+            im.paste(rgba, mask=rgba.getchannel("A"))
+        im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
+        pixels = np.asarray(im, dtype=np.float32)
+    return torch.from_numpy(pixels).permute(2, 0, 1).div_(127.5).sub_(1.0)
+
+
+def make_source(spec: dict[str, Any]):
+    """A data source from a recipe entry: {"kind": "world", "size": 128} or {"kind": "folder", "path": ...}."""
+    kind = spec.get("kind", "world")
+    if kind == "world":
+        return WorldSource(size=int(spec.get("size", 128)), seed=int(spec.get("seed", 0)),
+                           canonical_prob=float(spec.get("canonical_prob", 0.5)))
+    if kind == "folder":
+        return FolderSource(spec["path"], size=int(spec.get("size", 512)), seed=int(spec.get("seed", 0)))
+    raise InvalidInputError(f"unknown data kind {kind!r}; use 'world' or 'folder'")
+
+
+def random_crop(images: Tensor, crop: int, seeds: list[int]) -> Tensor:
+    """A seeded square crop of each image (VAE training on crops is cheaper; the VAE is convolutional)."""
+    if crop >= images.shape[-1]:
+        return images
+    out = []
+    for img, s in zip(images, seeds):
+        g = np.random.default_rng(s & 0xFFFFFFFF)
+        y, x = (int(v) for v in g.integers(0, img.shape[-1] - crop + 1, size=2))
+        out.append(img[:, y : y + crop, x : x + crop])
+    return torch.stack(out)

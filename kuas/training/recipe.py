@@ -1,0 +1,72 @@
+"""Training recipes: one JSON file that says everything about a model trained from scratch.
+
+A recipe names the family (the single-file layout the result is saved in), the prediction type, the
+network configs, the data and, per stage, the loop settings. `kuas train --recipe builtin` uses the
+recipe that produced the weights shipped inside kuas; `kuas train --recipe my.json` any other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kuas.errors import InvalidInputError
+from kuas.training.loop import LoopConfig
+
+STAGES = ("vae", "text", "unet")
+
+
+@dataclass
+class Recipe:
+    name: str
+    family: str = "sd1"
+    prediction: str = "v"
+    resolution: int = 128
+    seed: int = 0
+    unet: dict[str, Any] = field(default_factory=dict)
+    vae: dict[str, Any] = field(default_factory=dict)
+    text_encoder: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=lambda: {"kind": "world"})
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sample_prompts: list[str] = field(default_factory=list)
+    sample: dict[str, Any] = field(default_factory=dict)  # steps, cfg_scale, sampler for grids/evaluation
+    description: str = ""
+
+    def loop(self, stage: str) -> LoopConfig:
+        spec = dict(self.stages.get(stage, {}).get("loop", {}))
+        spec.setdefault("seed", self.seed)
+        if "betas" in spec:
+            spec["betas"] = tuple(spec["betas"])
+        try:
+            return LoopConfig(**spec)
+        except TypeError as e:
+            raise InvalidInputError(f"recipe {self.name!r}, stage {stage!r}: bad loop settings ({e})") from None
+
+    def stage_options(self, stage: str) -> dict[str, Any]:
+        return {k: v for k, v in self.stages.get(stage, {}).items() if k != "loop"}
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True)
+
+
+def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
+    """A shipped recipe by name ("builtin") or a recipe JSON file."""
+    p = Path(name_or_path)
+    if p.suffix == ".json" or p.exists():
+        if not p.is_file():
+            raise InvalidInputError(f"{p}: recipe file not found")
+        text = p.read_text()
+    else:
+        try:
+            text = resources.files("kuas.training.recipes").joinpath(f"{name_or_path}.json").read_text()
+        except FileNotFoundError:
+            raise InvalidInputError(f"no shipped recipe named {name_or_path!r}; pass a recipe .json file") from None
+    try:
+        data = json.loads(text)
+        return Recipe(**data)
+    except (ValueError, TypeError) as e:
+        raise InvalidInputError(f"{name_or_path}: not a valid recipe ({e})") from None

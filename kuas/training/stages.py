@@ -1,0 +1,336 @@
+"""The stages of training a Stable Diffusion model from scratch, each resumable in its own folder.
+
+    run_dir/vae/    stage 1: the autoencoder (reconstruction + edges + small KL)
+    run_dir/text/   stage 2 (optional, world data): the text encoder learns what captions mean
+    run_dir/unet/   stage 3: the U-Net (with the text encoder, or with it frozen) on VAE latents
+    run_dir/model.safetensors   the assembled model, official single-file layout + ModelSpec
+
+A finished stage leaves `weights.safetensors` (its EMA weights) and is skipped on the next call, so
+`kuas train` can be stopped and restarted at any point and continues where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kuas.training.data import make_source, random_crop
+from kuas.training.distributed import DistInfo, barrier
+from kuas.training.loop import Trainer, sample_seed
+from kuas.training.objectives import AutoencoderObjective, DenoisingObjective, dropout_mask
+from kuas.training.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def _done(stage_dir: Path) -> bool:
+    return (stage_dir / "weights.safetensors").is_file()
+
+
+def _save_weights(stage_dir: Path, modules: dict[str, nn.Module], extra: dict[str, str] | None = None) -> None:
+    from kuas.checkpoints.safetensors_io import save_safetensors
+
+    tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
+    save_safetensors(stage_dir / "weights.safetensors", tensors, dict(extra or {}))
+
+
+def _load_weights(stage_dir: Path, name: str, module: nn.Module) -> dict[str, str]:
+    from kuas.checkpoints.safetensors_io import read_safetensors
+
+    sd = read_safetensors(stage_dir / "weights.safetensors")
+    prefix = name + "."
+    module.load_state_dict({k[len(prefix):]: v.clone() for k, v in sd.items() if k.startswith(prefix)})
+    return sd.metadata
+
+
+def build_model(recipe: Recipe):
+    """A randomly initialised StableDiffusion with the recipe's configs (seeded)."""
+    from kuas.stable_diffusion import create
+
+    return create(recipe.family, seed=recipe.seed, unet=recipe.unet, vae=recipe.vae,
+                  text_encoder=recipe.text_encoder, prediction=recipe.prediction)
+
+
+def _finish(trainer: Trainer, stage_dir: Path, names: list[str], extra: dict[str, str] | None = None) -> None:
+    """Write the stage's EMA weights (trained weights where there is no EMA)."""
+    if not trainer.dist.is_main:
+        return
+    for n in names:
+        if n in trainer.emas:
+            trainer.emas[n].copy_to(trainer.modules[n])
+    _save_weights(stage_dir, {n: trainer.modules[n] for n in names}, extra)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 1: the autoencoder
+
+
+def train_vae(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool = True) -> None:
+    stage_dir = run_dir / "vae"
+    if _done(stage_dir):
+        return
+    sd = build_model(recipe)
+    vae = sd.vae.to(device).train().requires_grad_(True)
+    opts = recipe.stage_options("vae")
+    source = make_source({**recipe.data, "size": recipe.resolution})
+    crop = int(opts.get("crop", 0)) or recipe.resolution
+    objective = AutoencoderObjective(**opts.get("loss", {}))
+    cfg = recipe.loop("vae")
+
+    def make_batch(indices):
+        images = torch.stack([source.item(i).image for i in indices])
+        return random_crop(images, crop, [sample_seed(cfg.seed, i) for i in indices]).to(device)
+
+    def compute_loss(images, seeds):
+        return objective.loss(vae, images, seeds)
+
+    def sample(step, out_dir):
+        _write_reconstructions(vae, source, out_dir / f"vae-{step:07d}.png", device)
+
+    trainer = Trainer(stage_dir, cfg, {"vae": vae}, ["vae"], make_batch, compute_loss, sample=sample,
+                      dist_info=dist, device=device, progress=progress)
+    if trainer.run() >= cfg.steps:
+        _finish(trainer, stage_dir, ["vae"])
+    barrier(dist)
+
+
+@torch.no_grad()
+def _write_reconstructions(vae, source, path: Path, device, n: int = 8) -> None:
+    from PIL import Image
+
+    images = torch.stack([source.item(10_000_000 + i).image for i in range(n)]).to(device)
+    rec = vae.decode(vae.encode(images).mean).clamp(-1, 1)
+    rows = torch.cat([torch.cat(list(images), -1), torch.cat(list(rec), -1)], -2)
+    arr = ((rows.float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    Image.fromarray(arr).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: text encoder pre-training on what world captions mean
+
+
+def train_text(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool = True) -> None:
+    from kuas.training.attributes import AttributeHead, scene_targets
+
+    stage_dir = run_dir / "text"
+    if _done(stage_dir) or "text" not in recipe.stages:
+        return
+    if recipe.data.get("kind", "world") != "world":
+        log.info("text pre-training needs world captions; skipped for %s data", recipe.data.get("kind"))
+        return
+    sd = build_model(recipe)
+    te = sd.text_encoder.to(device).train().requires_grad_(True)
+    slot = sd.slots[0]
+    head = AttributeHead(te.config.width).to(device)
+    source = make_source({**recipe.data, "size": recipe.resolution})
+    cfg = recipe.loop("text")
+
+    def make_batch(indices):
+        items = [source.item(i, image=False) for i in indices]
+        tokens = sd.tokenizer([it.caption for it in items], pad_with=slot.spec.pad_with).to(device)
+        return tokens, scene_targets([it.scene for it in items])
+
+    def compute_loss(batch, seeds):
+        tokens, targets = batch
+        states = te(tokens, layer=slot.layer, final_norm=slot.final_norm).hidden
+        return head.loss(states, targets)
+
+    trainer = Trainer(stage_dir, cfg, {"text_encoder": te, "head": head}, ["text_encoder", "head"], make_batch,
+                      compute_loss, ema_modules=["text_encoder"], dist_info=dist, device=device, progress=progress)
+    if trainer.run() >= cfg.steps:
+        _finish(trainer, stage_dir, ["text_encoder"])
+    barrier(dist)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 3: the U-Net
+
+
+@torch.no_grad()
+def measure_latent_scale(vae, source, device, n: int = 256) -> float:
+    """1 / std of the VAE's latents over `n` training images (SD's 0.18215 was found the same way)."""
+    vals = []
+    for start in range(0, n, 32):
+        images = torch.stack([source.item(20_000_000 + i).image for i in range(start, start + 32)]).to(device)
+        vals.append(vae.encode(images).mean.float().cpu())
+    return float(1.0 / torch.cat(vals).std())
+
+
+def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool = True) -> None:
+    from kuas.sampling.schedules import sd_alphas_cumprod
+
+    stage_dir = run_dir / "unet"
+    if _done(stage_dir):
+        return
+    opts = recipe.stage_options("unet")
+    sd = build_model(recipe)
+    _load_weights(run_dir / "vae", "vae", sd.vae)
+    if _done(run_dir / "text"):
+        _load_weights(run_dir / "text", "text_encoder", sd.text_encoder)
+    source = make_source({**recipe.data, "size": recipe.resolution})
+    scale_file = stage_dir / "latent_scale.json"
+    if scale_file.is_file():
+        scale = json.loads(scale_file.read_text())["latent_scale"]
+    else:
+        scale = measure_latent_scale(sd.vae.to(device).eval(), source, device)
+        if dist.is_main:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            scale_file.write_text(json.dumps({"latent_scale": scale}))
+    sd.vae.scale_factor = scale
+    sd.to(device)
+    vae = sd.vae.eval().requires_grad_(False)
+    unet = sd.unet.train().requires_grad_(True)
+    te = sd.text_encoder
+    text_lr_scale = float(opts.get("text_lr_scale", 1.0))
+    train_text_encoder = text_lr_scale > 0
+    te.train(train_text_encoder).requires_grad_(train_text_encoder)
+    slot = sd.slots[0]
+    objective = DenoisingObjective(sd_alphas_cumprod().to(device), prediction=recipe.prediction,
+                                   min_snr_gamma=opts.get("min_snr_gamma", 5.0))
+    cfg = recipe.loop("unet")
+    p_drop = float(opts.get("cfg_dropout", 0.1))
+
+    def make_batch(indices):
+        items = [source.item(i) for i in indices]
+        images = torch.stack([it.image for it in items]).to(device)
+        with torch.no_grad():
+            latents = vae.encode(images).mean * scale
+        seeds = [sample_seed(cfg.seed, i) for i in indices]
+        captions = ["" if drop else it.caption for it, drop in zip(items, dropout_mask(seeds, p_drop))]
+        return latents, sd.tokenizer(captions, pad_with=slot.spec.pad_with).to(device)
+
+    def compute_loss(batch, seeds):
+        latents, tokens = batch
+        with torch.set_grad_enabled(train_text_encoder):
+            context = te(tokens, layer=slot.layer, final_norm=slot.final_norm).hidden
+        return objective.loss(unet, latents, {"context": context}, seeds)
+
+    trainable = ["unet"] + (["text_encoder"] if train_text_encoder else [])
+
+    def sample(step, out_dir):
+        write_sample_grid(sd, recipe, out_dir / f"samples-{step:07d}.png")
+
+    trainer = Trainer(stage_dir, cfg, {"unet": unet, "text_encoder": te}, trainable, make_batch, compute_loss,
+                      sample=sample if recipe.sample_prompts else None, ema_modules=trainable, dist_info=dist,
+                      device=device, progress=progress)
+    if train_text_encoder and text_lr_scale != 1.0:
+        _scale_module_lr(trainer, te, text_lr_scale)
+    if trainer.run() >= cfg.steps:
+        _finish(trainer, stage_dir, trainable, {"latent_scale": str(scale)})
+    barrier(dist)
+
+
+def _scale_module_lr(trainer: Trainer, module: nn.Module, factor: float) -> None:
+    """Move `module`'s parameters into their own optimizer groups with `factor` x the learning rate."""
+    ids = {id(p) for p in module.parameters()}
+    new_groups = []
+    for group in trainer.optimizer.param_groups:
+        mine = [p for p in group["params"] if id(p) in ids]
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+        if mine:
+            new_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine,
+                               "lr": group["lr"] * factor, "initial_lr": group.get("initial_lr", group["lr"]) * factor})
+    for g in new_groups:
+        trainer.optimizer.add_param_group(g)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, trainer._lr_factor)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling during training and the final assembly
+
+
+@torch.no_grad()
+def generate(sd, prompts: list[str], *, seed: int = 0, steps: int = 20, cfg_scale: float = 4.0,
+             sampler: str = "Euler", size: int | None = None) -> list:
+    """Images for `prompts` with the current weights (plain prompts, CFG, seed + i per image)."""
+    from kuas.sampling.denoisers import EpsDenoiser, VDenoiser
+    from kuas.sampling.guidance import CFGDenoiser
+    from kuas.sampling.registry import resolve_sampler, sample, sigmas_for
+    from kuas.sampling.schedules import DiscreteSchedule
+    from PIL import Image
+
+    size = size or sd.family.resolution
+    device = sd.device
+    schedule = DiscreteSchedule.sd().to(device)
+    inner = (VDenoiser if sd.prediction == "v" else EpsDenoiser)(sd.unet, schedule)
+    cond = sd.encode_prompt(prompts)
+    uncond = sd.encode_prompt([""] * len(prompts))
+    denoiser = CFGDenoiser(inner, {"context": cond.context}, {"context": uncond.context}, cfg_scale)
+    spec, key = resolve_sampler(sampler)
+    sigmas = sigmas_for(spec, key, steps, schedule, device=device)
+    f = sd.vae_scale
+    noise = torch.stack([torch.randn((sd.latent_channels, size // f, size // f),
+                                     generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))])
+    x = sample(denoiser, noise.to(device) * sigmas[0], sigmas, sampler=spec,
+               generator=torch.Generator().manual_seed(seed))
+    pixels = sd.vae.decode(x / sd.latent_scale).float().clamp(-1, 1)
+    arr = ((pixels.cpu().permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def write_sample_grid(sd, recipe: Recipe, path: Path) -> None:
+    from PIL import Image
+
+    opts = recipe.sample
+    images = generate(sd, recipe.sample_prompts, steps=int(opts.get("steps", 20)),
+                      cfg_scale=float(opts.get("cfg_scale", 4.0)), sampler=opts.get("sampler", "Euler"),
+                      size=recipe.resolution)
+    n = len(images)
+    cols = min(n, 8)
+    rows = (n + cols - 1) // cols
+    s = recipe.resolution
+    grid = Image.new("RGB", (cols * s, rows * s), (128, 128, 128))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * s, (i // cols) * s))
+    grid.save(path)
+
+
+def assemble(recipe: Recipe, run_dir: Path):
+    """The finished model: the recipe's networks with each stage's EMA weights."""
+    sd = build_model(recipe)
+    _load_weights(run_dir / "vae", "vae", sd.vae)
+    meta = _load_weights(run_dir / "unet", "unet", sd.unet)
+    te_stage = run_dir / "unet"
+    from kuas.checkpoints.safetensors_io import read_safetensors
+
+    if not any(k.startswith("text_encoder.") for k in read_safetensors(te_stage / "weights.safetensors")):
+        te_stage = run_dir / "text"
+    if _done(te_stage):
+        _load_weights(te_stage, "text_encoder", sd.text_encoder)
+    sd.vae.scale_factor = float(meta["latent_scale"])
+    return sd.eval()
+
+
+def run_all(recipe: Recipe, run_dir: str | Path, *, device: str | torch.device = "cpu", dist: DistInfo | None = None,
+            progress: bool = True, stages: tuple[str, ...] = ("vae", "text", "unet")) -> Path | None:
+    """Run (or continue) every stage, then write `run_dir/model.safetensors`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dist = dist or DistInfo()
+    device = torch.device(device)
+    if dist.is_main:
+        (run_dir / "recipe.json").write_text(recipe.to_json())
+    times = {}
+    for name, fn in (("vae", train_vae), ("text", train_text), ("unet", train_unet)):
+        if name in stages:
+            t0 = time.time()
+            fn(recipe, run_dir, dist=dist, device=device, progress=progress)
+            times[name] = round(time.time() - t0, 1)
+    if "unet" not in stages or not _done(run_dir / "unet"):
+        return None
+    out = run_dir / "model.safetensors"
+    if dist.is_main:
+        sd = assemble(recipe, run_dir)
+        sd.save(out, dtype=torch.float16, metadata={"modelspec.title": recipe.name,
+                                                    "modelspec.description": recipe.description,
+                                                    "kuas.recipe": recipe.to_json()})
+        log.info("wrote %s (stage times this call: %s)", out, times)
+    barrier(dist)
+    return out
+
