@@ -210,6 +210,14 @@ def test_crafted_rebuild_tensor_out_of_range_is_refused(tmp_path, name):
     assert str(err.value).startswith(str(path))
 
 
+def test_container_built_from_a_tensor_is_refused(tmp_path):
+    """set(<huge mapped tensor>) would materialise one Python object per element: refused up front."""
+    path = tmp_path / "crafted.ckpt"
+    torch.save({"x": Payload(set, (torch.zeros(10),))}, path)
+    with pytest.raises(CheckpointError, match="built from a non-container"):
+        load_pickle(path)
+
+
 def test_rebuild_with_a_non_storage_is_refused(tmp_path):
     path = tmp_path / "crafted.ckpt"
     torch.save(
@@ -244,6 +252,17 @@ def good_zip(tmp_path) -> Path:
     path = tmp_path / "good.ckpt"
     torch.save({"state_dict": {"w": torch.arange(8.0), "b": torch.ones(2)}}, path)
     return path
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, -10])
+def test_truncated_torch_zip(tmp_path, good_zip, keep):
+    data = good_zip.read_bytes()
+    at = int(len(data) * keep) if keep > 0 else len(data) + keep
+    path = tmp_path / "cut.ckpt"
+    path.write_bytes(data[:at])
+    with pytest.raises(CheckpointError, match="is not a readable zip archive .* truncated") as err:
+        read_state_dict(path)
+    assert str(err.value).startswith(str(path))
 
 
 def test_storage_shorter_than_declared_is_refused(tmp_path, good_zip):

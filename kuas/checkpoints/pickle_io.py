@@ -20,6 +20,7 @@ so kuas never hands one to a normal unpickler, and never calls ``torch.load``:
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
 import io
 import logging
 import os
@@ -88,22 +89,23 @@ def _q(text: object, limit: int = 100) -> str:
 
 @dataclass
 class _StorageRef:
-    """One storage of the archive: `nbytes` bytes at `byte_offset` of `base` (a map of the file or a copy)."""
+    """One storage of the archive: `nbytes` bytes in `storage`, a slice of the file's map or a copy.
+
+    Each archive member gets its own storage object (as with ``torch.load``), so tensors start at their
+    own storage's offset 0 and saving one never drags the rest of the file along.
+    """
 
     key: str
     dtype: torch.dtype
-    base: torch.UntypedStorage
-    byte_offset: int
+    storage: torch.UntypedStorage
     nbytes: int
 
     def aligned_for(self, dtype: torch.dtype) -> _StorageRef:
-        """This storage, copied if its start is not a multiple of `dtype`'s item size (views need that)."""
-        if self.byte_offset % dtype.itemsize == 0:
+        """This storage, copied if its address is not a multiple of `dtype`'s item size."""
+        if self.nbytes == 0 or self.storage.data_ptr() % dtype.itemsize == 0:
             return self
-        copy = (
-            torch.empty(0, dtype=torch.uint8).set_(self.base, self.byte_offset, (self.nbytes,), (1,)).clone()
-        )
-        return _StorageRef(self.key, self.dtype, copy.untyped_storage(), 0, self.nbytes)
+        copy = torch.empty(0, dtype=torch.uint8).set_(self.storage, 0, (self.nbytes,), (1,)).clone()
+        return _StorageRef(self.key, self.dtype, copy.untyped_storage(), self.nbytes)
 
 
 class _TorchZip:
@@ -111,31 +113,37 @@ class _TorchZip:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.file_size = os.path.getsize(path)
-        self._check_member_count_cheaply()
+        self._map: torch.UntypedStorage | None = None
+        self._storages: dict[str, _StorageRef] = {}
+        # Our own handle for the end record and local headers; owned by this object, closed by close().
+        self._raw = open(path, "rb")  # noqa: SIM115
         try:
+            self.file_size = os.fstat(self._raw.fileno()).st_size
+            self._check_member_count_cheaply()
             self.zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            self._raw.close()
             raise CheckpointError(
                 path, f"is not a readable zip archive ({e}); the download may be truncated, download it again"
             ) from None
+        except BaseException:
+            self._raw.close()
+            raise
         try:
             self._validate()
         except BaseException:
-            self.zip.close()
+            self.close()
             raise
-        self._map: torch.UntypedStorage | None = None
-        self._storages: dict[str, _StorageRef] = {}
 
     def close(self) -> None:
         self.zip.close()
+        self._raw.close()
 
     def _check_member_count_cheaply(self) -> None:
         """Refuse archives with too many members from the end record, before zipfile indexes them all."""
-        with open(self.path, "rb") as f:
-            tail_len = min(self.file_size, 22 + 65535)
-            f.seek(self.file_size - tail_len)
-            tail = f.read(tail_len)
+        tail_len = min(self.file_size, 22 + 65535)
+        self._raw.seek(self.file_size - tail_len)
+        tail = self._raw.read(tail_len)
         i = tail.rfind(b"PK\x05\x06")
         if i >= 0 and len(tail) - i >= 22:
             count = int.from_bytes(tail[i + 10 : i + 12], "little")
@@ -240,21 +248,19 @@ class _TorchZip:
 
     def _member_data_offset(self, info: zipfile.ZipInfo) -> int:
         """Where a stored member's bytes start: after its local header (not the directory's copy)."""
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            local = f.read(30)
-            if len(local) != 30 or local[:4] != b"PK\x03\x04":
-                raise CheckpointError(
-                    self.path, f"bad zip archive: no local header for {_q(info.orig_filename)}"
-                )
-            name_len = int.from_bytes(local[26:28], "little")
-            extra_len = int.from_bytes(local[28:30], "little")
-            encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
-            if f.read(name_len) != info.orig_filename.encode(encoding):
-                raise CheckpointError(
-                    self.path,
-                    f"bad zip archive: the local header of {_q(info.orig_filename)} names a different file",
-                )
+        f = self._raw
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise CheckpointError(self.path, f"bad zip archive: no local header for {_q(info.orig_filename)}")
+        name_len = int.from_bytes(local[26:28], "little")
+        extra_len = int.from_bytes(local[28:30], "little")
+        encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
+        if f.read(name_len) != info.orig_filename.encode(encoding):
+            raise CheckpointError(
+                self.path,
+                f"bad zip archive: the local header of {_q(info.orig_filename)} names a different file",
+            )
         return info.header_offset + 30 + name_len + extra_len
 
     def storage(self, key: str, dtype: torch.dtype, numel: int) -> _StorageRef:
@@ -280,7 +286,7 @@ class _TorchZip:
                 f"elements ({nbytes} bytes) but its archive member has {info.file_size}",
             )
         if nbytes == 0:
-            ref = _StorageRef(key, dtype, torch.empty(0, dtype=torch.uint8).untyped_storage(), 0, 0)
+            ref = _StorageRef(key, dtype, torch.empty(0, dtype=torch.uint8).untyped_storage(), 0)
         elif info.compress_type == zipfile.ZIP_STORED and info.compress_size == nbytes:
             offset = self._member_data_offset(info)
             if offset + nbytes > self.file_size:
@@ -289,7 +295,7 @@ class _TorchZip:
                     f"corrupt checkpoint: storage {_q(key)} runs past the end of the "
                     f"file (truncated download?)",
                 )
-            ref = _StorageRef(key, dtype, self._file_map(), offset, nbytes)
+            ref = _StorageRef(key, dtype, self._file_map()[offset : offset + nbytes], nbytes)  # a view
         else:  # compressed by some re-zipping tool: read it (bounded by the size checked above)
             buf = torch.empty(nbytes, dtype=torch.uint8)
             with self.zip.open(info) as f:
@@ -297,7 +303,7 @@ class _TorchZip:
                 extra = f.read(1)
             if got != nbytes or extra:
                 raise CheckpointError(path, f"corrupt checkpoint: storage {_q(key)} has the wrong length")
-            ref = _StorageRef(key, dtype, buf.untyped_storage(), 0, nbytes)
+            ref = _StorageRef(key, dtype, buf.untyped_storage(), nbytes)
         self._storages[key] = ref
         return ref
 
@@ -413,9 +419,7 @@ def _tensor_view(storage: object, dtype: torch.dtype, offset: object, size: obje
             f"{available}: refusing an out-of-bounds read",
         )
     ref = storage.aligned_for(dtype)
-    return torch.empty(0, dtype=dtype).set_(
-        ref.base, ref.byte_offset // dtype.itemsize + offset, size, stride
-    )
+    return torch.empty(0, dtype=dtype).set_(ref.storage, offset, size, stride)
 
 
 def _finish_tensor(t: Tensor, requires_grad: object, metadata: object) -> Tensor:
@@ -556,8 +560,9 @@ _CALLABLE = (
     _numpy_scalar,
     _NumpyDtype,
 )
+_CONTAINERS = (OrderedDict, torch.Size, set, frozenset)
 _INSTANTIABLE = (OrderedDict, _ParameterDict, _InertModelCheckpoint)
-_MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+_MODULE_ALIASES = MappingProxyType({"__builtin__": "builtins", "copy_reg": "copyreg"})  # Python 2 names
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -619,6 +624,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
         func = stack[-1]
         if not any(func is c for c in _CALLABLE) or not isinstance(args, tuple):
             raise self._refuse(f"the pickle tries to call {_q(func)}")
+        if any(func is c for c in _CONTAINERS) and not all(isinstance(a, (list, tuple, dict)) for a in args):
+            # e.g. set(<a mapped tensor of 10^9 elements>) would build 10^9 Python objects
+            raise CheckpointError(self._path, f"corrupt pickle: {_q(func)} built from a non-container")
         stack[-1] = func(*args)
 
     def _load_newobj(self) -> None:
@@ -769,8 +777,5 @@ def load_pickle(path: str | os.PathLike) -> Any:
             "%s is a PyTorch zip (pickle) archive despite its name; reading it with the restricted unpickler",
             path,
         )
-    archive = _TorchZip(path)
-    try:
+    with contextlib.closing(_TorchZip(path)) as archive:
         return _unpickle(archive.read_pickle(), path, archive)
-    finally:
-        archive.close()

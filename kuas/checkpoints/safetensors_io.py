@@ -314,14 +314,13 @@ def read_safetensors(path: str | os.PathLike) -> StateDict:
     for name, e in entries.items():
         dtype = e.torch_dtype
         offset = data_start + e.begin
-        if offset % dtype.itemsize == 0:
-            t = torch.empty(0, dtype=dtype).set_(
-                storage, offset // dtype.itemsize, e.shape, _contiguous_strides(e.shape)
-            )
-        else:  # misaligned for its dtype: the only case that costs a copy
-            t = _byte_view(storage, offset, e.nbytes).clone().view(dtype).reshape(e.shape)
+        # Each tensor gets its own storage, a slice (view) of the map, so it starts at storage offset 0
+        # like a torch.load-ed tensor and saving it never writes the rest of the file.
+        view = storage[offset : offset + e.nbytes]
+        if e.nbytes and view.data_ptr() % dtype.itemsize:  # misaligned for its dtype: copy this one
+            view = _byte_view(view, 0, e.nbytes).clone().untyped_storage()
             copied += e.nbytes
-        tensors[name] = t
+        tensors[name] = torch.empty(0, dtype=dtype).set_(view, 0, e.shape, _contiguous_strides(e.shape))
     if copied:
         log.debug("%s: %d bytes of misaligned tensors were copied instead of mapped", path, copied)
     return StateDict(tensors, path=path, format="safetensors", metadata=metadata)
