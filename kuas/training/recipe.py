@@ -56,10 +56,10 @@ class Recipe:
 def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     """A shipped recipe by name ("builtin") or a recipe JSON file."""
     p = Path(name_or_path)
-    if p.suffix == ".json" or p.exists():
-        if not p.is_file():
-            raise InvalidInputError(f"{p}: recipe file not found")
+    if p.is_file():
         text = p.read_text()
+    elif p.suffix == ".json":
+        raise InvalidInputError(f"{p}: recipe file not found")
     else:
         try:
             text = resources.files("kuas.training.recipes").joinpath(f"{name_or_path}.json").read_text()
