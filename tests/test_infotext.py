@@ -38,18 +38,26 @@ def test_format_omits_empty_negative_and_none_fields_and_strips():
 
 
 def test_quoting_rules():
-    text = format_infotext("p", "", {
-        "Steps": 1, "Sampler": "Euler", "Seed": 2,
-        "Lora hashes": "a: 123, b: 456",          # ',' and ':' -> JSON string
-        "Note": 'say "hi"',                        # inner quotes alone stay raw (as A1111)
-        "Quoted": '"x"',                           # starts with a quote: kuas quotes it so it reads back
-        "Multi": "line1\nline2",                   # newline -> JSON string with \n escape
-        "Tiling": True,
-        "Hires fix": "Hires fix",                  # value equal to the key: bare key, as A1111 writes it
-    })
+    text = format_infotext(
+        "p",
+        "",
+        {
+            "Steps": 1,
+            "Sampler": "Euler",
+            "Seed": 2,
+            "Lora hashes": "a: 123, b: 456",  # ',' and ':' -> JSON string
+            "Note": 'say "hi"',  # inner quotes alone stay raw (as A1111)
+            "Quoted": '"x"',  # starts with a quote: kuas quotes it so it reads back
+            "Multi": "line1\nline2",  # newline -> JSON string with \n escape
+            "Tiling": True,
+            "Hires fix": "Hires fix",  # value equal to the key: bare key, as A1111 writes it
+        },
+    )
     last = text.split("\n")[-1]
-    assert last == ('Steps: 1, Sampler: Euler, Seed: 2, Tiling: True, Lora hashes: "a: 123, b: 456", '
-                    'Note: say "hi", Quoted: "\\"x\\"", Multi: "line1\\nline2", Hires fix')
+    assert last == (
+        'Steps: 1, Sampler: Euler, Seed: 2, Tiling: True, Lora hashes: "a: 123, b: 456", '
+        'Note: say "hi", Quoted: "\\"x\\"", Multi: "line1\\nline2", Hires fix'
+    )
     _, _, fields = parse_infotext(text)
     assert fields["Lora hashes"] == "a: 123, b: 456"
     assert fields["Note"] == 'say "hi"'
@@ -74,24 +82,48 @@ def test_bad_field_name_is_refused():
         format_infotext("p", "", {"Bad: key": 1})
 
 
-@pytest.mark.parametrize("prompt,negative", [
-    ("a cat", ""),
-    ("a cat,\nsitting on a mat\n(masterpiece:1.2)", "ugly,\nblurry"),
-    ("Steps: 1, Sampler: x, Seed: 3", ""),  # a prompt that itself looks like a parameters line
-    ("emoji 🐱 and ünïcode", "«no»"),
-])
+@pytest.mark.parametrize(
+    "prompt,negative",
+    [
+        ("a cat", ""),
+        ("a cat,\nsitting on a mat\n(masterpiece:1.2)", "ugly,\nblurry"),
+        ("Steps: 1, Sampler: x, Seed: 3", ""),  # a prompt that itself looks like a parameters line
+        ("emoji 🐱 and ünïcode", "«no»"),
+    ],
+)
 def test_round_trip(prompt, negative):
-    fields = {"Steps": 20, "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": 6.5, "Seed": 42,
-              "Size": (64, 64), "Model hash": "0123456789", "Model": "kuas, tiny: v1", "Clip skip": 2,
-              "Variation seed": 7, "Variation seed strength": 0.25}
+    fields = {
+        "Steps": 20,
+        "Sampler": "DPM++ 2M",
+        "Schedule type": "Karras",
+        "CFG scale": 6.5,
+        "Seed": 42,
+        "Size": (64, 64),
+        "Model hash": "0123456789",
+        "Model": "kuas, tiny: v1",
+        "Clip skip": 2,
+        "Variation seed": 7,
+        "Variation seed strength": 0.25,
+    }
     text = format_infotext(prompt, negative, fields)
     got_prompt, got_negative, got = parse_infotext(text)
     assert got_prompt == prompt
     assert got_negative == negative
-    assert got == {"Steps": "20", "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "6.5",
-                   "Seed": "42", "Size": "64x64", "Size-1": "64", "Size-2": "64", "Model hash": "0123456789",
-                   "Model": "kuas, tiny: v1", "Clip skip": "2", "Variation seed": "7",
-                   "Variation seed strength": "0.25"}
+    assert got == {
+        "Steps": "20",
+        "Sampler": "DPM++ 2M",
+        "Schedule type": "Karras",
+        "CFG scale": "6.5",
+        "Seed": "42",
+        "Size": "64x64",
+        "Size-1": "64",
+        "Size-2": "64",
+        "Model hash": "0123456789",
+        "Model": "kuas, tiny: v1",
+        "Clip skip": "2",
+        "Variation seed": "7",
+        "Variation seed strength": "0.25",
+    }
 
 
 # Real A1111 infotexts (from A1111's own docstring and from users' posts of generated images).
@@ -108,16 +140,16 @@ A1111_HIRES_LORA = (
     "Negative prompt: deformed, ugly, deformed, noisy, blurry, distorted, grainy\n"
     "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1935425320, Size: 1280x720, Model hash: 31e35c80fc, "
     "Model: sd_xl_base_1.0, Denoising strength: 0.5, ADetailer model: face_yolov8n.pt, ADetailer prompt: "
-    "\"face photo of ohwx man <lora:12gb_settings-000007:1>\", ADetailer confidence: 0.3, ADetailer "
-    "dilate/erode: 4, Hires upscale: 1.6, Hires upscaler: Latent, Lora hashes: \"12gb_settings-000007: "
-    "f9b455fdd697\", Version: v1.5.1"
+    '"face photo of ohwx man <lora:12gb_settings-000007:1>", ADetailer confidence: 0.3, ADetailer '
+    'dilate/erode: 4, Hires upscale: 1.6, Hires upscaler: Latent, Lora hashes: "12gb_settings-000007: '
+    'f9b455fdd697", Version: v1.5.1'
 )
 A1111_CONTROLNET = (
     "masterpiece\n"
     "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 3158555784, Size: 572x1024, "
-    "Model hash: d64c08ec07, Denoising strength: 0.7, Clip skip: 2, ControlNet 0: \"Module: none, Model: "
+    'Model hash: d64c08ec07, Denoising strength: 0.7, Clip skip: 2, ControlNet 0: "Module: none, Model: '
     "None, Weight: 1, Resize Mode: Crop and Resize\", LLuL Layers: ['OUT'], Hires upscale: 2, Hires steps: 10, "
-    "Hires upscaler: Latent, TI hashes: \"EasyNegativeV2: 339cc9210f70, FastNegativeV2: a7465e7cc2a2\", "
+    'Hires upscaler: Latent, TI hashes: "EasyNegativeV2: 339cc9210f70, FastNegativeV2: a7465e7cc2a2", '
     "Version: v1.10.1"
 )
 
@@ -126,11 +158,27 @@ def test_parse_a1111_docstring_example():
     prompt, negative, fields = parse_infotext(A1111_DOCSTRING)
     assert prompt.startswith("girl with an artist's beret") and prompt.endswith("detailed, intricate")
     assert negative.startswith("ugly, fat") and negative.endswith("messy drawing")
-    assert fields == {"Steps": "20", "Sampler": "Euler a", "CFG scale": "7", "Seed": "965400086",
-                      "Size": "512x512", "Size-1": "512", "Size-2": "512", "Model hash": "45dee52b"}
+    assert fields == {
+        "Steps": "20",
+        "Sampler": "Euler a",
+        "CFG scale": "7",
+        "Seed": "965400086",
+        "Size": "512x512",
+        "Size-1": "512",
+        "Size-2": "512",
+        "Model hash": "45dee52b",
+    }
     request = infotext_to_request((prompt, negative, fields))
-    assert request == {"prompt": prompt, "negative_prompt": negative, "steps": 20, "sampler": "Euler a",
-                       "cfg_scale": 7.0, "seed": 965400086, "width": 512, "height": 512}
+    assert request == {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "steps": 20,
+        "sampler": "Euler a",
+        "cfg_scale": 7.0,
+        "seed": 965400086,
+        "width": 512,
+        "height": 512,
+    }
 
 
 def test_parse_a1111_extension_fields_and_hires():
@@ -172,21 +220,50 @@ def test_windows_line_endings_and_multiline_negative():
 
 
 def test_request_mapping_of_all_simple_fields():
-    text = format_infotext("p", "n", {
-        "Steps": 12, "Sampler": "DDIM", "Schedule type": "Uniform", "CFG scale": 5.5, "Seed": 3,
-        "Size": (96, 64), "Variation seed": 11, "Variation seed strength": 0.3, "Denoising strength": 0.6,
-        "Clip skip": 2, "Tiling": True, "Eta": 0.5, "Mask blur": 8, "Masked area padding": 16,
-    })
+    text = format_infotext(
+        "p",
+        "n",
+        {
+            "Steps": 12,
+            "Sampler": "DDIM",
+            "Schedule type": "Uniform",
+            "CFG scale": 5.5,
+            "Seed": 3,
+            "Size": (96, 64),
+            "Variation seed": 11,
+            "Variation seed strength": 0.3,
+            "Denoising strength": 0.6,
+            "Clip skip": 2,
+            "Tiling": True,
+            "Eta": 0.5,
+            "Mask blur": 8,
+            "Masked area padding": 16,
+        },
+    )
     assert infotext_to_request(text) == {
-        "prompt": "p", "negative_prompt": "n", "steps": 12, "sampler": "DDIM", "scheduler": "Uniform",
-        "cfg_scale": 5.5, "seed": 3, "width": 96, "height": 64, "subseed": 11, "subseed_strength": 0.3,
-        "strength": 0.6, "clip_skip": 2, "tiling": True, "eta": 0.5, "mask_blur": 8,
+        "prompt": "p",
+        "negative_prompt": "n",
+        "steps": 12,
+        "sampler": "DDIM",
+        "scheduler": "Uniform",
+        "cfg_scale": 5.5,
+        "seed": 3,
+        "width": 96,
+        "height": 64,
+        "subseed": 11,
+        "subseed_strength": 0.3,
+        "strength": 0.6,
+        "clip_skip": 2,
+        "tiling": True,
+        "eta": 0.5,
+        "mask_blur": 8,
         "inpaint_full_res_padding": 16,
     }
 
 
-@pytest.mark.parametrize("field,value", [("Steps", "twenty"), ("Seed", "1.5"), ("CFG scale", "nan"),
-                                         ("Tiling", "maybe")])
+@pytest.mark.parametrize(
+    "field,value", [("Steps", "twenty"), ("Seed", "1.5"), ("CFG scale", "nan"), ("Tiling", "maybe")]
+)
 def test_request_bad_numbers_name_the_field(field, value):
     fields = {"Steps": "20", "Sampler": "Euler", "Seed": "1", field: value}
     with pytest.raises(InvalidInputError, match=field):

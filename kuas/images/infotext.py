@@ -46,10 +46,32 @@ __all__ = [
 # "Hires upscale", "Lora hashes"...) are A1111's extra_generation_params: they go after "Tiling" in the
 # order the caller gave them, and "Version" / "User" always close the line.
 FIELD_ORDER: tuple[str, ...] = (
-    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration", "Size",
-    "Model hash", "Model", "FP8 weight", "Cache FP16 weight for LoRA", "VAE hash", "VAE", "Variation seed",
-    "Variation seed strength", "Seed resize from", "Denoising strength", "Conditional mask weight",
-    "Clip skip", "ENSD", "Token merging ratio", "Token merging ratio hr", "Init image hash", "RNG", "NGMS",
+    "Steps",
+    "Sampler",
+    "Schedule type",
+    "CFG scale",
+    "Image CFG scale",
+    "Seed",
+    "Face restoration",
+    "Size",
+    "Model hash",
+    "Model",
+    "FP8 weight",
+    "Cache FP16 weight for LoRA",
+    "VAE hash",
+    "VAE",
+    "Variation seed",
+    "Variation seed strength",
+    "Seed resize from",
+    "Denoising strength",
+    "Conditional mask weight",
+    "Clip skip",
+    "ENSD",
+    "Token merging ratio",
+    "Token merging ratio hr",
+    "Init image hash",
+    "RNG",
+    "NGMS",
     "Tiling",
 )
 _CLOSING_FIELDS: tuple[str, ...] = ("Version", "User")
@@ -60,13 +82,7 @@ NEGATIVE_PREFIX = "Negative prompt:"
 _KEY = r"\w[\w \-/]+"
 # One "Key: value" pair of the parameters line: a value is either a JSON-style quoted string (backslash
 # escapes allowed) or everything up to the next comma.
-_PAIR = re.compile(
-    r"""\s*(?P<key>""" + _KEY + r""")
-        :\s*
-        (?P<value> "(?:\\.|[^\\"])+" | [^,]* )
-        (?:,|$)""",
-    re.VERBOSE,
-)
+_PAIR = re.compile(rf"""\s*(?P<key>{_KEY}):\s*(?P<value>"(?:\\.|[^\\"])+"|[^,]*)(?:,|$)""")
 _KEY_ONLY = re.compile(_KEY)
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _MIN_PAIRS_ON_PARAMS_LINE = 3
@@ -162,7 +178,7 @@ def parse_infotext(text: str) -> ParsedInfotext:
         line = line.strip()
         if line.startswith(NEGATIVE_PREFIX):
             in_negative = True
-            line = line[len(NEGATIVE_PREFIX):].strip()
+            line = line[len(NEGATIVE_PREFIX) :].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
 
     fields: dict[str, str] = {}
@@ -230,8 +246,21 @@ _SIMPLE_FIELDS: dict[str, tuple[str, Any]] = {
 }
 _HIRES_FIELDS = ("Hires upscale", "Hires steps", "Hires upscaler")
 # Fields that describe the image or the software, not a generation setting: skipped without a note.
-_DESCRIPTIVE_FIELDS = frozenset({"Model hash", "Model", "VAE hash", "VAE", "Version", "User", "Size-1",
-                                 "Size-2", "Init image hash", "Lora hashes", "TI hashes"})
+_DESCRIPTIVE_FIELDS = frozenset(
+    {
+        "Model hash",
+        "Model",
+        "VAE hash",
+        "VAE",
+        "Version",
+        "User",
+        "Size-1",
+        "Size-2",
+        "Init image hash",
+        "Lora hashes",
+        "TI hashes",
+    }
+)
 
 
 def infotext_to_request(parsed: ParsedInfotext | tuple[str, str, Mapping[str, str]] | str) -> dict[str, Any]:
@@ -259,8 +288,14 @@ def infotext_to_request(parsed: ParsedInfotext | tuple[str, str, Mapping[str, st
         request["enable_hr"] = True
     if "Denoising strength" in fields:
         request["hr_denoising_strength" if hires else "strength"] = _as_float(fields, "Denoising strength")
-    skipped = [k for k in fields if k not in _SIMPLE_FIELDS and k not in _DESCRIPTIVE_FIELDS
-               and k not in ("Size", "Denoising strength") and not k.endswith(("-1", "-2"))]
+    skipped = [
+        k
+        for k in fields
+        if k not in _SIMPLE_FIELDS
+        and k not in _DESCRIPTIVE_FIELDS
+        and k not in ("Size", "Denoising strength")
+        and not k.endswith(("-1", "-2"))
+    ]
     if skipped:
         log.info("infotext fields kuas has no setting for, ignored: %s", ", ".join(skipped))
     return request
