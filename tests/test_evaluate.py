@@ -135,7 +135,9 @@ def test_blurred_and_noisy_renders_still_score_high():
 
 def test_detections_carry_the_scene_attributes():
     red = Obj("circle", "red", "large", "on the left", (0.17, 0.5), object_radius("circle", "large"))
-    star = Obj("star", "blue", "small", "in the top right corner", (0.82, 0.2), object_radius("star", "small"), 1)
+    star = Obj(
+        "star", "blue", "small", "in the top right corner", (0.82, 0.2), object_radius("star", "small"), 1
+    )
     scene = Scene("pair", "yellow", "plain", [red, star])
     found = detect(render(scene))
     assert [(d.color, d.shape, d.size, d.position) for d in found] == [
@@ -181,9 +183,9 @@ def test_score_marks_exactly_what_is_wrong():
     assert score(img, text)["all_correct"]
     assert score(img, caption(scene, 3))["all_correct"]
     # The order of objects in the prompt does not matter (best assignment).
-    assert score(img, "a small white heart at the bottom and a large red square on the left, blue background")[
-        "all_correct"
-    ]
+    assert score(
+        img, "a small white heart at the bottom and a large red square on the left, blue background"
+    )["all_correct"]
 
     wrong_color = score(img, text.replace("red square", "green square"))
     assert not wrong_color["all_correct"] and wrong_color["color"] == 0.5 and wrong_color["shape"] == 1.0
@@ -199,7 +201,12 @@ def test_score_marks_exactly_what_is_wrong():
     assert wrong_style["background_style"] is False and wrong_style["background"] is True
     # Unsaid attributes are not scored.
     loose = score(img, "a red square and a white heart")
-    assert loose["all_correct"] and loose["size"] is None and loose["position"] is None and loose["background"] is None
+    assert (
+        loose["all_correct"]
+        and loose["size"] is None
+        and loose["position"] is None
+        and loose["background"] is None
+    )
 
 
 def test_score_counts_missing_and_extra_objects():
@@ -281,7 +288,9 @@ def test_cli_scores_a_folder_with_png_parameters_and_sidecars(tmp_path, capsys):
         text = caption(scene, i)
         if i % 2 == 0:
             info = PngImagePlugin.PngInfo()
-            info.add_text("parameters", f"{text}\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, Seed: {i}")
+            info.add_text(
+                "parameters", f"{text}\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, Seed: {i}"
+            )
             img.save(folder / f"{i:03d}.png", pnginfo=info)
         else:
             img.save(folder / f"{i:03d}.png")
@@ -305,3 +314,24 @@ def test_cli_world_sanity_check(tmp_path, capsys):
         _cli(["eval"])
     with pytest.raises(InvalidInputError):
         _cli(["eval", str(tmp_path / "missing")])
+
+
+def test_shapes_outside_the_world_are_unknown():
+    from PIL import ImageDraw
+
+    blue, red = PALETTE["blue"], PALETTE["red"]
+    drawings = [
+        lambda d: d.ellipse((34, 50, 98, 90), fill=red),  # 1.6:1 ellipse
+        lambda d: d.rectangle((30, 50, 98, 82), fill=red),  # 2:1 rectangle
+        lambda d: [d.rectangle((55, 30, 73, 98), fill=red), d.rectangle((30, 55, 98, 73), fill=red)],  # cross
+    ]
+    for draw in drawings:
+        img = Image.new("RGB", (128, 128), blue)
+        draw(ImageDraw.Draw(img))
+        (found,) = detect(img)
+        assert found.color == "red" and found.shape == "unknown"
+        assert not score(img, "a large red circle in the center, on a blue background")["all_correct"]
+        assert not score(img, "a large red square in the center, on a blue background")["all_correct"]
+    img = Image.new("RGB", (128, 128), blue)
+    ImageDraw.Draw(img).ellipse((40, 40, 88, 88), fill=red)  # a plain disc drawn by other means
+    assert detect(img)[0].shape == "circle"

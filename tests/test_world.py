@@ -192,8 +192,12 @@ def test_segmentation_labels_match_the_object_pixels():
 
 
 def test_depth_is_brighter_for_nearer_objects():
-    front = Obj("circle", "red", "large", "in the center", (0.5, 0.5), object_radius("circle", "large"), depth=1)
-    back = Obj("square", "green", "large", "on the left", (0.3, 0.5), object_radius("square", "large"), depth=0)
+    front = Obj(
+        "circle", "red", "large", "in the center", (0.5, 0.5), object_radius("circle", "large"), depth=1
+    )
+    back = Obj(
+        "square", "green", "large", "on the left", (0.3, 0.5), object_radius("square", "large"), depth=0
+    )
     scene = _scene([back, front], kind="pair")
     depth = np.asarray(render_depth(scene, 128))
     labels = segmentation_labels(scene, 128)
@@ -255,7 +259,9 @@ def test_canonical_caption_form_and_parse():
     text = canonical_caption(scene)
     assert text == "a large red circle on the left and a small blue star at the top, on a yellow background"
     assert _same(parse_caption(text), _expected_spec(scene))
-    count = _scene([Obj("heart", "green", "small", "on the left", (0.2, 0.5), 0.1)] * 3, "white", "gradient", "count")
+    count = _scene(
+        [Obj("heart", "green", "small", "on the left", (0.2, 0.5), 0.1)] * 3, "white", "gradient", "count"
+    )
     assert canonical_caption(count) == "three small green hearts, on a white gradient background"
     orange = _scene([obj1], background="orange")
     assert canonical_caption(orange).endswith("on an orange background")
@@ -268,7 +274,14 @@ def test_every_template_and_synonym_parses_back():
     scenes = []
     for k, pos in enumerate(POSITION_NAMES):
         row, col = [(r, c) for r in range(3) for c in range(3)][k]
-        a = Obj(SHAPES[k % 5], COLORS[k % 8], "small" if k % 2 else "large", pos, ((col + 0.5) / 3, (row + 0.5) / 3), 0.1)
+        a = Obj(
+            SHAPES[k % 5],
+            COLORS[k % 8],
+            "small" if k % 2 else "large",
+            pos,
+            ((col + 0.5) / 3, (row + 0.5) / 3),
+            0.1,
+        )
         other = POSITION_NAMES[(k + 4) % 9]
         b = Obj(SHAPES[(k + 2) % 5], COLORS[(k + 3) % 8], "large", other, (0.5, 0.5), 0.1, depth=1)
         bg = next(c for c in COLORS if c not in (a.color, b.color))
@@ -310,7 +323,10 @@ def test_random_captions_parse_back_and_stay_short():
         variants.add(text)
         parsed = parse_caption(text)
         expected = _expected_spec(scene)
-        assert (parsed.background, parsed.background_style) == (expected.background, expected.background_style)
+        assert (parsed.background, parsed.background_style) == (
+            expected.background,
+            expected.background_style,
+        )
         assert len(parsed.objects) == len(expected.objects), text
         for p, e in zip(parsed.objects, expected.objects):
             assert (p.shape, p.color, p.position, p.count) == (e.shape, e.color, e.position, e.count), text
@@ -329,9 +345,13 @@ def test_parse_free_form_prompts():
     assert spec.background is None and spec.objects == [ObjSpec("circle", "red", None, None, 2)]
     assert spec.kind == "count"
     spec = parse_caption("4 tiny orange hearts on a black gradient")
-    assert spec.objects == [ObjSpec("heart", "orange", "small", None, 4)] and spec.background_style == "gradient"
+    assert (
+        spec.objects == [ObjSpec("heart", "orange", "small", None, 4)] and spec.background_style == "gradient"
+    )
     assert spec.heldout is False and parse_caption("a white heart").heldout is True
-    spec = parse_caption("yellow background with a blue square in the middle and a green circle at the bottom")
+    spec = parse_caption(
+        "yellow background with a blue square in the middle and a green circle at the bottom"
+    )
     assert spec.background == "yellow"
     assert spec.objects == [
         ObjSpec("square", "blue", None, "in the center", 1),

@@ -45,7 +45,11 @@ POSITION_SYNONYMS: dict[str, tuple[str, ...]] = {
     "in the center": ("in the center", "in the middle", "at the center", "in the centre"),
     "in the top left corner": ("in the top left corner", "in the upper left corner", "at the top left"),
     "in the top right corner": ("in the top right corner", "in the upper right corner", "at the top right"),
-    "in the bottom left corner": ("in the bottom left corner", "in the lower left corner", "at the bottom left"),
+    "in the bottom left corner": (
+        "in the bottom left corner",
+        "in the lower left corner",
+        "at the bottom left",
+    ),
     "in the bottom right corner": (
         "in the bottom right corner",
         "in the lower right corner",
@@ -194,7 +198,10 @@ def caption(scene: Scene, rng: np.random.Generator | int | None = None) -> str:
 
 _WORD_ALIASES = {"violet": "purple", "centre": "center"}
 _SHAPE_WORDS = {**{s: s for s in SHAPES}, **{_plural(s): s for s in SHAPES}}
-_SIZE_LOOKUP = {w: size for size, words in SIZE_WORDS.items() for w in words} | {"tiny": "small", "huge": "large"}
+_SIZE_LOOKUP = {w: size for size, words in SIZE_WORDS.items() for w in words} | {
+    "tiny": "small",
+    "huge": "large",
+}
 _COUNT_LOOKUP = {w: i for i, w in enumerate(COUNT_WORDS)} | {str(i): i for i in range(10)} | {"a": 1, "an": 1}
 _COLOR_RE = "|".join(COLORS)
 _BG_RE = re.compile(

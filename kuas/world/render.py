@@ -24,8 +24,17 @@ DEPTH_FRONT = 255  # depth value of the frontmost layer
 DEPTH_STEP = 48  # each layer further back is this much darker
 
 # Colours of segmentation labels 0..(len-1) when viewed as an image (label 0, background, is black).
-_SEG_COLORS = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-               (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+_SEG_COLORS = [
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+]
 
 
 def _check_size(size: int) -> int:

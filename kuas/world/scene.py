@@ -431,7 +431,16 @@ def _sample_count(rng: np.random.Generator, split: str) -> list[Obj]:
     for d, c in enumerate(centers):
         row, col = position_cell(*c)
         objs.append(
-            Obj(shape, color, size, position_name(row, col), c, radius, depth=d, rotation=_rotation(rng, shape))
+            Obj(
+                shape,
+                color,
+                size,
+                position_name(row, col),
+                c,
+                radius,
+                depth=d,
+                rotation=_rotation(rng, shape),
+            )
         )
     return objs
 
