@@ -97,7 +97,7 @@ def test_library_mark_is_found_by_kuas(name):
 
 def test_library_fails_where_kuas_succeeds():
     # Measured: the library's own mark does not read back on flat or saturated pictures (half the bits).
-    for name in ("white", "blue", "circle", "world3"):
+    for name in ("white", "blue", "circle"):
         assert detect_watermark(library_encode(IMAGES[name])).bits_matching < 100
         assert detect_watermark(apply_watermark(IMAGES[name])).bits_matching == 136
 
