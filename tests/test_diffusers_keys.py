@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -911,10 +912,23 @@ def test_native_side_errors(tiny_unet_files):
         diffusers_to_native("controlnet", {}, {})
 
 
+def test_folder_without_model_index_reads_the_component_folders(sd_folder, tmp_path):
+    root, _ = sd_folder
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    (copy / "model_index.json").unlink()
+    shutil.rmtree(copy / "scheduler")
+    folder = read_diffusers_folder(copy)
+    assert folder.pipeline_class is None and set(folder.components) == {"unet", "vae", "text_encoder"}
+    assert folder.prediction_type == "epsilon" and any("assuming prediction_type" in n for n in folder.notes)
+    with_index = read_diffusers_folder(root)
+    for name, component in folder.components.items():
+        _assert_identical(component.tensors, with_index.components[name].tensors)
+        assert component.config == with_index.components[name].config
+
+
 def test_folder_errors(sd_folder, tmp_path):
     root, _ = sd_folder
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
     config = json.loads((copy / "scheduler" / "scheduler_config.json").read_text())

@@ -1066,7 +1066,7 @@ def native_to_diffusers(
     SDXL-like U-Nets get ``add_embedding``, text encoders get the ``text_model.`` level, the layout comes
     from the keys) or a diffusers config.json to match. ``penultimate_as_last=True`` writes an OpenCLIP
     encoder the way diffusers stores SD 2.x's: without its last layer and projection (those native
-    tensors are then expected and left out).
+    tensors are accepted and left out).
     """
     native_keys = list(tensors.keys())
     spec = _native_spec(component, config, native_keys, layout)
