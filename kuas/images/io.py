@@ -48,6 +48,7 @@ __all__ = [
     "check_writable_dir",
     "load_image",
     "load_mask",
+    "load_stored_pixels",
     "next_output_path",
     "read_infotext",
     "save_numbered_png",
@@ -135,9 +136,11 @@ def _not_an_image(data: bytes, label: str) -> InvalidInputError:
     return InvalidInputError(f"{label}: {problem}; use a PNG, JPEG, WEBP, BMP, GIF or TIFF file")
 
 
-def _open_checked(source: ImageSource, what: str, max_pixels: int) -> tuple[Image.Image, str]:
-    """A fully decoded, upright image from `source` (after the format and pixel-budget checks) and the
-    label that names it in messages."""
+def _open_checked(
+    source: ImageSource, what: str, max_pixels: int, *, upright: bool = True
+) -> tuple[Image.Image, str]:
+    """A fully decoded image from `source` (after the format and pixel-budget checks), turned upright per
+    its EXIF orientation unless `upright` is False, and the label that names it in messages."""
     label = _describe(source, what)
     if isinstance(source, Image.Image):
         image = source
@@ -179,6 +182,8 @@ def _open_checked(source: ImageSource, what: str, max_pixels: int) -> tuple[Imag
         except _DECODE_ERRORS as e:
             problem = "is truncated (the file ends early)" if "truncated" in str(e) else f"is corrupt ({e})"
             raise InvalidInputError(f"{label}: {problem}; re-export or re-download it") from None
+    if not upright:
+        return image, label
     try:
         oriented = ImageOps.exif_transpose(image)
     except _DECODE_ERRORS as e:  # a malformed EXIF block must not lose the picture
@@ -232,6 +237,16 @@ def load_image(
     """
     image = _to_rgba_or_rgb(*_open_checked(source, what, max_pixels))
     return _flatten(image) if image.mode == "RGBA" else image
+
+
+def load_stored_pixels(
+    source: ImageSource, *, what: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """The RGB pixels exactly as stored in the file, for pixel-exact analysis (watermark detection): the
+    same safety checks as `load_image`, but no EXIF rotation and alpha dropped rather than composited."""
+    image, label = _open_checked(source, what, max_pixels, upright=False)
+    image = _to_rgba_or_rgb(image, label)
+    return image.convert("RGB")
 
 
 def load_mask(
