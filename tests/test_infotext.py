@@ -208,6 +208,31 @@ def test_parse_a1111_quoted_values_with_commas_and_no_negative():
     assert request["clip_skip"] == 2 and request["hr_second_pass_steps"] == 10
 
 
+def test_request_mapping_of_inpainting_fields(caplog):
+    fields = {
+        "Steps": "20",
+        "Sampler": "Euler",
+        "Seed": "1",
+        "Masked content": "latent noise",
+        "Inpaint area": "Only masked",
+        "Mask mode": "Inpaint not masked",
+        "Mask blur": "4",
+    }
+    request = infotext_to_request(("p", "", fields))
+    assert (request["inpainting_fill"], request["inpaint_full_res"], request["invert_mask"]) == (
+        "latent noise",
+        True,
+        True,
+    )
+    fields.update(
+        {"Masked content": "lama cleaner", "Inpaint area": "Whole picture", "Mask mode": "Inpaint masked"}
+    )
+    with caplog.at_level("INFO", logger="kuas.images.infotext"):
+        request = infotext_to_request(("p", "", fields))
+    assert "inpainting_fill" not in request and "Masked content: lama cleaner" in caplog.text
+    assert (request["inpaint_full_res"], request["invert_mask"]) == (False, False)
+
+
 def test_last_line_with_fewer_than_three_pairs_is_prompt():
     prompt, negative, fields = parse_infotext("a photo\nstyle: anime, mood: calm")
     assert prompt == "a photo\nstyle: anime, mood: calm" and negative == "" and fields == {}

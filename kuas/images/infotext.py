@@ -244,6 +244,20 @@ _SIMPLE_FIELDS: dict[str, tuple[str, Any]] = {
     "Hires steps": ("hr_second_pass_steps", _as_int),
     "Hires upscaler": ("hr_upscaler", lambda f, k: f[k].strip()),
 }
+# A1111's img2img fields with named values: field -> (kuas keyword, {value: setting}).
+_NAMED_FIELDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Masked content": (
+        "inpainting_fill",
+        {
+            "fill": "fill",
+            "original": "original",
+            "latent noise": "latent noise",
+            "latent nothing": "latent nothing",
+        },
+    ),
+    "Inpaint area": ("inpaint_full_res", {"only masked": True, "whole picture": False}),
+    "Mask mode": ("invert_mask", {"inpaint not masked": True, "inpaint masked": False}),
+}
 _HIRES_FIELDS = ("Hires upscale", "Hires steps", "Hires upscaler")
 # Fields that describe the image or the software, not a generation setting: skipped without a note.
 _DESCRIPTIVE_FIELDS = frozenset(
@@ -268,7 +282,9 @@ def infotext_to_request(parsed: ParsedInfotext | tuple[str, str, Mapping[str, st
 
     Steps -> steps, Sampler -> sampler, Schedule type -> scheduler, CFG scale -> cfg_scale, Seed -> seed,
     Size -> width/height, Clip skip -> clip_skip, Variation seed / strength -> subseed / subseed_strength,
-    Tiling, Eta, Mask blur, Masked area padding -> inpaint_full_res_padding; "Hires upscale / steps /
+    Tiling, Eta, Mask blur, Masked area padding -> inpaint_full_res_padding, Masked content ->
+    inpainting_fill, Inpaint area ("Only masked") -> inpaint_full_res, Mask mode ("Inpaint not masked") ->
+    invert_mask; "Hires upscale / steps /
     upscaler" turn on the hires fix (enable_hr, hr_scale, hr_second_pass_steps, hr_upscaler), and then
     "Denoising strength" is the second pass's (hr_denoising_strength), as in A1111's txt2img; otherwise it
     is img2img's strength. Fields kuas has no setting for are logged and skipped; a malformed number raises
@@ -281,6 +297,14 @@ def infotext_to_request(parsed: ParsedInfotext | tuple[str, str, Mapping[str, st
     for key, (name, convert) in _SIMPLE_FIELDS.items():
         if key in fields:
             request[name] = convert(fields, key)
+    unknown_values = []
+    for key, (name, values) in _NAMED_FIELDS.items():
+        if key in fields:
+            value = fields[key].strip().lower()
+            if value in values:
+                request[name] = values[value]
+            else:
+                unknown_values.append(f"{key}: {fields[key]}")
     if "Size-1" in fields and "Size-2" in fields:
         request["width"], request["height"] = _as_int(fields, "Size-1"), _as_int(fields, "Size-2")
     hires = any(k in fields for k in _HIRES_FIELDS)
@@ -292,10 +316,11 @@ def infotext_to_request(parsed: ParsedInfotext | tuple[str, str, Mapping[str, st
         k
         for k in fields
         if k not in _SIMPLE_FIELDS
+        and k not in _NAMED_FIELDS
         and k not in _DESCRIPTIVE_FIELDS
         and k not in ("Size", "Denoising strength")
         and not k.endswith(("-1", "-2"))
     ]
-    if skipped:
-        log.info("infotext fields kuas has no setting for, ignored: %s", ", ".join(skipped))
+    if skipped or unknown_values:
+        log.info("infotext fields kuas has no setting for, ignored: %s", ", ".join(skipped + unknown_values))
     return request
