@@ -89,6 +89,7 @@ def test_bad_values_stop_argparse(cli, tmp_path, tiny_model, no_loading, extra, 
         (["--sampler", "nope"], "unknown sampler 'nope'"),
         (["--sampler", "Euler", "--scheduler", "nope"], "unknown schedule type 'nope'"),
         (["--model", "/does/not/exist.safetensors"], "no such file"),
+        (["--vae", "/does/not/vae.safetensors"], "--vae '/does/not/vae.safetensors': no such file"),
         (["--device", "warp-drive"], "not a device name"),
     ],
 )

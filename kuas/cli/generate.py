@@ -432,6 +432,8 @@ def _validate(request: dict[str, Any]) -> None:
 
 def model_path(args: argparse.Namespace) -> Path:
     """The checkpoint to load: --model, else the built-in model (with a clear message while none ships)."""
+    if args.vae and not Path(args.vae).exists():
+        raise InvalidInputError(f"--vae {args.vae!r}: no such file or folder")
     if args.model:
         path = Path(args.model)
         if not path.exists():

@@ -312,7 +312,7 @@ def _decode_user_comment(raw: bytes | str) -> str | None:
 def read_infotext(source: ImageSource, *, what: str = "image") -> str | None:
     """The A1111 generation parameters stored in an image: the PNG ``parameters`` text chunk, or the EXIF
     UserComment of a JPEG/WEBP (where A1111 puts them); None when there are none."""
-    image, _ = _open_checked(source, what, DEFAULT_MAX_PIXELS)
+    image, _ = _open_checked(source, what, DEFAULT_MAX_PIXELS, upright=False)
     text = image.info.get(PARAMETERS_KEY)
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
