@@ -307,6 +307,13 @@ def create(
     fam = get_family(family)
     te_overrides = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     te_configs = {s.name: _as_config(CLIPTextConfig, te_overrides.get(s.name), s.config) for s in fam.text_encoders}
+    if isinstance(unet, Mapping) and "channel_mult" in unet:
+        # per-level fields of the full-size preset do not fit another number of levels: use their scalar
+        # form unless given (depth per level then follows attention_resolutions)
+        base = fam.unet
+        unet = {"transformer_depth": max(base.transformer_depth), "transformer_depth_middle": None,
+                "num_res_blocks": base.num_res_blocks if isinstance(base.num_res_blocks, int)
+                else max(base.num_res_blocks), **unet}
     unet_cfg = _as_config(UNetConfig, unet, fam.unet)
     given = set(unet) if isinstance(unet, Mapping) else {"context_dim", "adm_in_channels"} if unet else set()
     if "context_dim" not in given:  # cross-attention width follows the text encoder(s)

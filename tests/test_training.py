@@ -1,0 +1,229 @@
+"""Training: resumable after any stop (kill -9 included), data parallel equals one rank, bad data skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kuas.training.data import FolderSource
+from kuas.training.ema import EMA
+from kuas.training.loop import LoopConfig, Trainer, sample_seed
+from kuas.training.state import latest_checkpoint, list_checkpoints, save_checkpoint
+
+TINY_RECIPE = {
+    "name": "tiny-test",
+    "family": "sd1",
+    "prediction": "v",
+    "resolution": 32,
+    "seed": 0,
+    "vae": {"ch": 8, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "norm_num_groups": 4},
+    "text_encoder": {"width": 32, "layers": 2, "heads": 2, "mlp_width": 64},
+    "unet": {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [1, 2],
+             "num_heads": -1, "num_head_channels": 8, "use_linear_in_transformer": True, "norm_num_groups": 8},
+    "stages": {
+        "vae": {"crop": 32, "loop": {"steps": 4, "batch_size": 4, "lr": 1e-3, "save_every": 2, "log_every": 1}},
+        "text": {"loop": {"steps": 3, "batch_size": 8, "lr": 1e-3, "save_every": 2, "log_every": 1,
+                          "ema_decay": None}},
+        "unet": {"loop": {"steps": 4, "batch_size": 4, "lr": 1e-3, "save_every": 2, "log_every": 1}},
+    },
+    "sample_prompts": ["a large red circle on the left, on a yellow background"],
+    "sample": {"steps": 2},
+}
+
+
+def _toy_trainer(run_dir: Path, steps: int = 6, *, save_every: int = 2, accum: int = 1, batch: int = 8) -> Trainer:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+    data_w = torch.tensor([[1.0], [-2.0], [0.5]])
+
+    def make_batch(indices):
+        x = torch.stack([torch.randn(3, generator=torch.Generator().manual_seed(i)) for i in indices])
+        return x, x @ data_w
+
+    def loss(batch, seeds):
+        x, y = batch
+        noise = torch.stack([torch.randn(1, generator=torch.Generator().manual_seed(s)) for s in seeds]) * 0.01
+        return ((model(x) - y - noise) ** 2).mean()
+
+    cfg = LoopConfig(steps=steps, batch_size=batch, lr=1e-2, grad_accum=accum, save_every=save_every,
+                     log_every=1, ema_decay=0.9, warmup_steps=2, lr_schedule="cosine")
+    return Trainer(run_dir, cfg, {"model": model}, ["model"], make_batch, loss, progress=False)
+
+
+def _weights(t: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in t.modules["model"].state_dict().items()}
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    full = _toy_trainer(tmp_path / "full")
+    full.run()
+    part = _toy_trainer(tmp_path / "part", steps=6)
+    step = part.train_step
+
+    def stop_after_3():  # as if SIGTERM arrived during step 3: the loop saves and exits
+        out = step()
+        if part.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    part.train_step = stop_after_3
+    assert part.run() == 3
+    resumed = _toy_trainer(tmp_path / "part", steps=6)
+    assert resumed.resume() and resumed.step == 3
+    resumed.run()
+    a, b = _weights(full), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.emas["model"].num_updates == 6
+    log = [json.loads(line) for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+
+
+def test_grad_accumulation_equals_the_full_batch(tmp_path):
+    a = _toy_trainer(tmp_path / "a", steps=3)
+    b = _toy_trainer(tmp_path / "b", steps=3, accum=4)
+    a.run()
+    b.run()
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    (tmp_path / ".checkpoint-00000009-x.tmp").write_bytes(b"partial")  # left by a killed save
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"step": step, "w": torch.ones(2) * step}, keep=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    assert not list(tmp_path.glob("*.tmp"))
+    from kuas.training.state import load_checkpoint
+
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 3
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    t = _toy_trainer(tmp_path, steps=2)
+    t.run()
+    other = _toy_trainer(tmp_path, steps=4, batch=4)
+    from kuas.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        other.resume()
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    t = _toy_trainer(tmp_path, steps=4, save_every=1)
+    t.run()
+    before = latest_checkpoint(tmp_path)
+    t.cfg.steps = 6
+    t.compute_loss = lambda batch, seeds: torch.tensor(float("nan"), requires_grad=True)
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        t.run(resume=False)
+    assert latest_checkpoint(tmp_path) == before
+
+
+def test_ema_tracks_and_swaps():
+    m = nn.Linear(2, 2)
+    ema = EMA(m, decay=0.5)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m)  # warm-up decay min(0.5, 1/10) = 0.1
+    trained = m.weight.clone()
+    with ema.swapped_in(m):
+        assert not torch.equal(m.weight, trained)
+    assert torch.equal(m.weight, trained)
+
+
+def test_sample_seeds_differ_per_index_and_run():
+    seeds = {sample_seed(0, i) for i in range(1000)}
+    assert len(seeds) == 1000
+    assert sample_seed(1, 5) != sample_seed(0, 5)
+
+
+def test_folder_source_skips_bad_images(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red picture")
+    (tmp_path / "b.png").write_bytes(b"not a png at all")
+    (tmp_path / "b.txt").write_text("broken")
+    Image.new("RGBA", (20, 20), (0, 0, 255, 0)).save(tmp_path / "c.png")  # transparent: white background
+    src = FolderSource(tmp_path, size=16)
+    items = [src.item(i) for i in range(6)]
+    assert src.skipped >= 1
+    assert {it.caption for it in items} <= {"a red picture", ""}
+    assert all(it.image.shape == (3, 16, 16) for it in items)
+    white = [it for it in items if it.caption == ""][0]
+    assert torch.allclose(white.image, torch.ones(3, 16, 16))
+
+
+def _run_cli(args, cwd, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "kuas", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+
+
+def test_kuas_train_end_to_end_resumes_after_kill_9(tmp_path):
+    recipe = tmp_path / "r.json"
+    spec = json.loads(json.dumps(TINY_RECIPE))
+    spec["stages"]["unet"]["loop"].update(steps=40, save_every=5, sample_every=20)
+    recipe.write_text(json.dumps(spec))
+    run = tmp_path / "run"
+    args = ["train", "--recipe", str(recipe), "--out", str(run), "--threads", "1", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "kuas", *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((run / "unet").glob("checkpoint-*.pt")):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    reached = list_checkpoints(run / "unet")
+    assert reached, "no U-Net checkpoint before the kill"
+    done = _run_cli(args, tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = [json.loads(line)["step"] for line in (run / "unet" / "log.jsonl").read_text().splitlines()]
+    assert log[-1] == 40 and max(log) == 40
+    import kuas
+
+    sd = kuas.load(run / "model.safetensors")
+    assert sd.family.name == "sd1" and sd.prediction == "v"
+    assert sd.unet.config.model_channels == 16
+    assert (run / "unet" / "samples").is_dir()
+
+
+DDP_SCRIPT = r"""
+import sys, torch
+torch.set_num_threads(1)
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_training import _toy_trainer
+from kuas.training.distributed import init_distributed
+info = init_distributed(torch.device("cpu"))
+t = _toy_trainer(Path({run!r}), steps=4, batch=8)
+t.dist = info
+t.run(resume=False)
+if info.is_main:
+    torch.save(t.modules["model"].state_dict(), {out!r})
+"""
+
+
+def test_two_ranks_at_half_batch_equal_one_rank(tmp_path):
+    single = _toy_trainer(tmp_path / "single", steps=4, batch=8)
+    single.run()
+    script = tmp_path / "ddp.py"
+    out = tmp_path / "ddp.pt"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), run=str(tmp_path / "ddp"),
+                                        out=str(out)))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ddp = torch.load(out)
+    ref = _weights(single)
+    assert all(torch.allclose(ref[k], ddp[k], atol=1e-6) for k in ref)
