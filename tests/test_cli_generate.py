@@ -71,7 +71,7 @@ def files_in(folder) -> list[str]:
         (["--height", "-64"], "multiple of 8"),
         (["--cfg-scale", "nan"], "finite"),
         (["--seed", "abc"], "not a whole number"),
-        (["--seed", str(2**32)], "seeds run from 0"),
+        (["--seed", str(2**63)], "seeds run from 0"),
         (["--subseed-strength", "1.5"], "between 0 and 1"),
         (["--hr-scale", "0"], "above 0"),
         (["--dtype", "float8"], "invalid choice"),
@@ -97,6 +97,32 @@ def test_bad_names_fail_before_loading(cli, tmp_path, tiny_model, no_loading, ex
     status, out, err = cli("txt2img", "a cat", "--model", tiny_model, "--outdir", tmp_path / "out", *extra)
     assert status == 1 and message in err and out == ""
     assert err.startswith("kuas txt2img: error:")
+    assert files_in(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["txt2img", "x", "--width", "8192", "--height", "8192"], "above the limit"),
+        (["txt2img", "x", "--hires", "--hr-upscaler", "Magic"], "unknown hr_upscaler 'Magic'"),
+        (
+            ["img2img", "x", "--image", "{img}", "--strength", "0.01", "--steps", "20"],
+            "runs no sampling step",
+        ),
+        (["inpaint", "x", "--image", "{img}", "--mask", "{black}"], "the mask is all black"),
+        (["inpaint", "x", "--image", "{img}", "--mask", "{white}", "--invert-mask"], "the mask is all black"),
+        (["outpaint", "x", "--image", "{img}"], "at least one of left, right, top, bottom"),
+    ],
+)
+def test_pipeline_checks_run_before_loading(cli, tmp_path, tiny_model, no_loading, argv, message):
+    pytest.importorskip("kuas.pipelines.types", reason="the pipelines' request types have not landed yet")
+    files = {"img": tmp_path / "img.png", "black": tmp_path / "black.png", "white": tmp_path / "white.png"}
+    Image.new("RGB", (64, 64), (90, 120, 200)).save(files["img"])
+    Image.new("L", (64, 64), 0).save(files["black"])
+    Image.new("L", (64, 64), 255).save(files["white"])
+    argv = [a.format(**files) for a in argv]
+    status, out, err = cli(*argv, "--model", tiny_model, "--outdir", tmp_path / "out")
+    assert status == 1 and message in err and out == ""
     assert files_in(tmp_path / "out") == []
 
 

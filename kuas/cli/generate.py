@@ -39,9 +39,11 @@ DEFAULT_OUTDIRS = {
 }
 BUILTIN_MODEL = Path(__file__).resolve().parent.parent / "assets" / "builtin.safetensors"
 MAX_SIDE = 16384  # a sanity bound for the command line; the pipelines apply the real pixel budget
+SEED_LIMIT = 2**63  # as the pipelines (A1111 draws 32-bit seeds, other tools 64-bit ones)
 
 DTYPES = ("float32", "float16", "bfloat16")
 INPAINTING_FILL = ("fill", "original", "latent noise", "latent nothing")  # A1111's 0..3
+OUTPAINT_FILL = ("fill", "edge", "latent noise", "latent nothing")
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")  # A1111's 0..2
 
 
@@ -69,8 +71,8 @@ def _nonnegative_int(text: str) -> int:
 
 def _seed(text: str) -> int:
     value = _int(text)
-    if value < -1 or value >= 2**32:
-        raise argparse.ArgumentTypeError(f"seeds run from 0 to 4294967295 (-1: random), got {value}")
+    if value < -1 or value >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"seeds run from 0 to {SEED_LIMIT - 1} (-1: random), got {value}")
     return value
 
 
@@ -209,6 +211,12 @@ OPTIONS: tuple[Option, ...] = (
         action=argparse.BooleanOptionalAction,
     ),
     Option(
+        ("--vae-tiling",),
+        "vae_tiling",
+        "decode (and encode) in overlapping tiles to save memory (default: automatic for large images)",
+        action=argparse.BooleanOptionalAction,
+    ),
+    Option(
         ("--no-watermark",),
         "watermark",
         "do not add the invisible watermark",
@@ -287,12 +295,33 @@ OPTIONS: tuple[Option, ...] = (
         type=_choice(INPAINTING_FILL),
     ),
     Option(
+        ("--inpainting-fill",),
+        "inpainting_fill",
+        f"content of the new area before repainting: {', '.join(OUTPAINT_FILL)} (default fill)",
+        ("outpaint",),
+        type=_choice(OUTPAINT_FILL),
+    ),
+    Option(
         ("--invert-mask",),
         "invert_mask",
         "repaint the black part of the mask instead",
         ("inpaint",),
         action="store_const",
         const=True,
+    ),
+    Option(
+        ("--latent-blend",),
+        "latent_blend",
+        "with a normal (4-channel) model, keep the unmasked latents at each step (default on)",
+        ("inpaint", "outpaint"),
+        action=argparse.BooleanOptionalAction,
+    ),
+    Option(
+        ("--overlap",),
+        "overlap",
+        "pixels of the original picture repainted along the seam (default 8)",
+        ("outpaint",),
+        type=_nonnegative_int,
     ),
     Option(("--left",), "left", "pixels to add on the left (a multiple of 8)", ("outpaint",), type=_padding),
     Option(
@@ -430,6 +459,35 @@ def _validate(request: dict[str, Any]) -> None:
         raise InvalidInputError(f"steps must be 1 or more, got {request['steps']}")
 
 
+_REQUEST_CLASSES = {
+    "txt2img": "Txt2ImgRequest",
+    "img2img": "Img2ImgRequest",
+    "inpaint": "InpaintRequest",
+    "outpaint": "OutpaintRequest",
+}
+
+
+def prevalidate(command: str, request: dict[str, Any], mask: Any = None) -> None:
+    """Run the pipeline's own request checks (sizes, strength against steps, hires options, an all-black
+    mask...) now, before the model is loaded; the pipeline repeats them with the model's sizes."""
+    import dataclasses
+
+    try:
+        from kuas.pipelines import types
+    except ImportError:  # pipelines without request types: they check on their own
+        return
+    cls = getattr(types, _REQUEST_CLASSES[command], None)
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in request.items() if k in names}
+    if mask is not None and "mask" in names:
+        from PIL import ImageOps
+
+        kwargs["mask"] = ImageOps.invert(mask) if request.get("invert_mask") else mask
+    cls(**kwargs)
+
+
 def model_path(args: argparse.Namespace) -> Path:
     """The checkpoint to load: --model, else the built-in model (with a clear message while none ships)."""
     if args.vae and not Path(args.vae).exists():
@@ -505,6 +563,7 @@ def run(args: argparse.Namespace) -> int:
         from kuas.images.io import load_mask
 
         inputs["mask"] = load_mask(args.mask, inputs["image"].size, what="--mask")
+    prevalidate(command, request, inputs.get("mask"))
     path = model_path(args)
     dtype, device = _dtype_and_device(args)
     from kuas.images.io import check_writable_dir
