@@ -405,9 +405,37 @@ def _read_single_file(path):
 
 
 def _read_diffusers(path):
-    from kuas.errors import CheckpointError
+    """A diffusers folder as official-layout tensors (through the explicit key table) plus configs."""
+    from kuas.checkpoints.diffusers_keys import read_diffusers_folder
 
-    raise CheckpointError(path, "is a diffusers folder; loading those lands with the diffusers key table")
+    folder = read_diffusers_folder(path)
+    comps = folder.components
+    hints = _Hints(prediction="v" if folder.prediction_type == "v_prediction" else "eps",
+                   prediction_source="scheduler_config.json")
+    te1, te2 = comps.get("text_encoder"), comps.get("text_encoder_2")
+    layout1 = te1.extras.get("layout") if te1 else None
+    if te1 and te2:
+        prefixes = {"text_encoder": "conditioner.embedders.0.transformer.",
+                    "text_encoder_2": "conditioner.embedders.1.model."}
+    elif te2:  # SDXL refiner: only the OpenCLIP bigG encoder
+        prefixes = {"text_encoder_2": "conditioner.embedders.0.model."}
+    elif layout1 == "openclip":
+        prefixes = {"text_encoder": "cond_stage_model.model."}
+    else:
+        prefixes = {"text_encoder": "cond_stage_model.transformer."}
+    weights: dict[str, Tensor] = {}
+    configs: dict[str, Any] = {}
+    for name, comp in comps.items():
+        prefix = {"unet": UNET_PREFIX, "vae": VAE_PREFIX}.get(name) or prefixes[name]
+        weights.update({prefix + k: v for k, v in comp.tensors.items()})
+        configs[name] = comp.config
+        if comp.extras.get("last_layer_is_penultimate"):  # SD2: diffusers dropped OpenCLIP's last layer
+            hints.text_layers[name] = (-1, True)
+    if "vae" in comps and comps["vae"].extras.get("scaling_factor"):
+        configs["latent_scale"] = float(comps["vae"].extras["scaling_factor"])
+    for note in folder.notes:
+        log.info("%s: %s", path, note)
+    return weights, {}, configs, hints
 
 
 def _sidecar_prediction(path: str | os.PathLike) -> str | None:

@@ -112,3 +112,44 @@ def test_clip_skip_and_separate_vae(tmp_path):
     save_safetensors(vae_path, {k: v for k, v in other.vae.state_dict().items()}, {})
     loaded = kuas.load(path, vae=vae_path)
     assert all(torch.equal(loaded.vae.state_dict()[k], v) for k, v in other.vae.state_dict().items())
+
+
+def _write_diffusers_folder(sd: kuas.StableDiffusion, root, prediction_type: str) -> None:
+    """A diffusers folder of `sd`, written through kuas' own key table (the inverse direction)."""
+    from kuas.checkpoints.diffusers_keys import diffusers_config_from_native, native_to_diffusers
+    from kuas.checkpoints.safetensors_io import save_safetensors
+
+    files = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+             "text_encoder_2": "model"}
+    index = {"_class_name": "StableDiffusionPipeline"}
+    for name, module in sd.modules().items():
+        kw = {}
+        if name.startswith("text_encoder"):
+            kw["layout"] = next(s.spec.kind for s in sd.slots if s.spec.name == name)
+        tensors = native_to_diffusers(name, module.state_dict(), module.config, **kw)
+        config = diffusers_config_from_native(name, module.config, **kw)
+        if name == "vae":
+            config["scaling_factor"] = sd.vae.scale_factor
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text(json.dumps(config))
+        save_safetensors(root / name / f"{files[name]}.safetensors", tensors, {})
+        classes = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+                   "text_encoder_2": "CLIPTextModelWithProjection"}
+        index[name] = ["diffusers" if name in ("unet", "vae") else "transformers", classes[name]]
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": prediction_type}))
+    (root / "model_index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("family,prediction_type", [("sd1", "epsilon"), ("sd2-v", "v_prediction"),
+                                                    ("sdxl", "epsilon")])
+def test_diffusers_folder_loads_to_the_same_weights(tmp_path, family, prediction_type):
+    sd = tiny(family)
+    folder = tmp_path / "folder"
+    _write_diffusers_folder(sd, folder, prediction_type)
+    back = kuas.load(folder)
+    assert back.family.name == family and back.prediction == FAMILIES[family].prediction
+    a, b = sd.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert back.vae.scale_factor == sd.vae.scale_factor

@@ -97,7 +97,7 @@ def test_grad_accumulation_equals_the_full_batch(tmp_path):
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
-    (tmp_path / ".checkpoint-00000009-x.tmp").write_bytes(b"partial")  # left by a killed save
+    (tmp_path / ".checkpoint-00000009.pt.x.tmp").write_bytes(b"partial")  # left by a killed save
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, {"step": step, "w": torch.ones(2) * step}, keep=2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]

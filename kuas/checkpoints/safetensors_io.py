@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from kuas.checkpoints.formats import StateDict
+from kuas.fileio import atomic_write
 from kuas.errors import CheckpointError, InvalidInputError
 
 __all__ = [
@@ -340,19 +340,6 @@ def _write_tensor_bytes(f: BinaryIO, tensor: Tensor) -> None:
         f.write(t.view(torch.uint8).numpy().data)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -402,19 +389,8 @@ def save_safetensors(
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
 
-    final = Path(path)
-    folder = final.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for _, t in items:
-                _write_tensor_bytes(f, t)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
+    with atomic_write(path) as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for _, t in items:
+            _write_tensor_bytes(f, t)

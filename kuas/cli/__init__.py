@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "kuas.cli.info",
     "kuas.cli.samplers",
     "kuas.cli.train",
+    "kuas.cli.eval",
 ]
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from kuas.fileio import atomic_write
 
 _NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
 
@@ -45,20 +46,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
     """Write `state` as checkpoint `step` atomically and keep only the newest `keep` checkpoints."""
     d = Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)
-    for stray in d.glob(".checkpoint-*.tmp"):  # left by a process killed mid-save
+    for stray in d.glob(".checkpoint-*.pt.*.tmp"):  # left by a process killed mid-save
         stray.unlink(missing_ok=True)
     final = checkpoint_path(d, step)
-    fd, tmp = tempfile.mkstemp(prefix=f".checkpoint-{step:08d}-", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(d)
+    with atomic_write(final) as f:
+        torch.save(state, f)
     for _, old in list_checkpoints(d)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return final
@@ -69,16 +61,3 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     from kuas.checkpoints.pickle_io import load_pickle
 
     return load_pickle(path)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # not possible on every platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
