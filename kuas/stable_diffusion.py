@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from kuas.checkpoints.families import UNET_PREFIX, VAE_PREFIX, Family, TextEncoderSpec, get_family
+from kuas.checkpoints.metadata import KUAS_CONFIG_KEY
 from kuas.errors import InvalidInputError
 from kuas.models.clip import CLIPTextConfig, CLIPTextModel, OpenCLIPTextModel
 from kuas.models.unet import UNetConfig, UNetModel, sdxl_vector_conditioning
@@ -27,7 +28,6 @@ from kuas.models.vae import AutoencoderKL, VAEConfig
 
 log = logging.getLogger(__name__)
 
-KUAS_CONFIG_KEY = "kuas.config"  # safetensors metadata: kuas' own description of the networks (JSON)
 
 
 @dataclass
@@ -146,6 +146,15 @@ class StableDiffusion:
         return self._hash
 
     @property
+    def resolution(self) -> int:
+        """The native image size: ModelSpec `modelspec.resolution` ("WxH") when present, else the family's."""
+        text = self.metadata.get("modelspec.resolution", "")
+        try:
+            return int(text.lower().split("x")[0])
+        except ValueError:
+            return self.family.resolution
+
+    @property
     def name(self) -> str:
         return Path(self.path).stem if self.path else self.metadata.get("modelspec.title", self.family.name)
 
@@ -239,7 +248,7 @@ class StableDiffusion:
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         meta = modelspec_metadata(
-            self.family, prediction=self.prediction, title=Path(path).stem, resolution=self.family.resolution
+            self.family, prediction=self.prediction, title=Path(path).stem, resolution=self.resolution
         )
         meta[KUAS_CONFIG_KEY] = json.dumps(self.kuas_config(), sort_keys=True)
         meta.update(metadata or {})
@@ -295,6 +304,7 @@ def create(
     text_encoder_2: CLIPTextConfig | Mapping[str, Any] | None = None,
     prediction: str | None = None,
     latent_scale: float | None = None,
+    resolution: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> StableDiffusion:
@@ -324,12 +334,17 @@ def create(
         unet_cfg = dataclasses.replace(unet_cfg, adm_in_channels=pooled + (5 if fam.refiner else 6) * 256)
     vae_cfg = _as_config(VAEConfig, vae, fam.vae)
     factory = {"device": device, "dtype": dtype}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # each network from its own seed: changing one config
+        torch.manual_seed(seed)                   # does not change another's initial weights
         unet_model = UNetModel(unet_cfg, **factory)
+        torch.manual_seed(seed + 1)
         vae_model = AutoencoderKL(vae_cfg, scale_factor=latent_scale or fam.latent_scale, **factory)
-        encoders = {s.name: build_text_encoder(s, te_configs[s.name], **factory) for s in fam.text_encoders}
-    sd = StableDiffusion(fam, unet_model, vae_model, encoders, prediction=prediction)
+        encoders = {}
+        for i, s in enumerate(fam.text_encoders):
+            torch.manual_seed(seed + 2 + i)
+            encoders[s.name] = build_text_encoder(s, te_configs[s.name], **factory)
+    metadata = {"modelspec.resolution": f"{resolution}x{resolution}"} if resolution else None
+    sd = StableDiffusion(fam, unet_model, vae_model, encoders, prediction=prediction, metadata=metadata)
     return sd.eval()
 
 
@@ -349,187 +364,30 @@ def load(
     prediction: "eps" or "v"; needed only for SD 2.x files whose metadata does not say (otherwise it is
         read from a sidecar `.yaml`, the ModelSpec metadata, or guessed with a log message).
     """
-    from kuas.checkpoints.formats import detect_format
+    from kuas.checkpoints.loading import analyse, read_checkpoint
+    from kuas.checkpoints.state_dict import load_into
 
     if prediction is not None and prediction not in ("eps", "v"):
         raise InvalidInputError(f"prediction must be 'eps' or 'v', not {prediction!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    fmt = detect_format(path)
-    if fmt == "diffusers-folder":
-        weights, metadata, configs, hints = _read_diffusers(path)
-    else:
-        weights, metadata, configs, hints = _read_single_file(path)
-    sd = _assemble(path, weights, metadata, configs, hints, dtype=dtype, device=device, prediction=prediction)
+    a = analyse(read_checkpoint(path), prediction=prediction)
+    weights = a.contents.weights
+    unet = UNetModel(a.unet, device="meta")
+    vae_model = AutoencoderKL(a.vae, scale_factor=a.latent_scale, device="meta")
+    encoders = {s.name: build_text_encoder(s, a.text_encoders[s.name], device="meta") for s in a.family.text_encoders}
+    load_into(unet, weights, prefix=UNET_PREFIX, path=path, dtype=dtype, device=device)
+    load_into(vae_model, weights, prefix=VAE_PREFIX, path=path, dtype=dtype, device=device)
+    for spec in a.family.text_encoders:
+        load_into(encoders[spec.name], weights, prefix=spec.prefix, path=path, dtype=dtype, device=device)
+    log.debug("%s: family %s, prediction %s (%s)", path, a.family.name, a.prediction, a.prediction_source)
+    sd = StableDiffusion(a.family, unet, vae_model, encoders, prediction=a.prediction,
+                         text_layers=a.contents.text_layers, path=path if os.path.isfile(path) else None,
+                         metadata=a.contents.metadata)
     if vae is not None:
         sd.vae = load_vae(vae, dtype=dtype, device=device, scale_factor=sd.vae.scale_factor)
     return sd.eval()
-
-
-@dataclass
-class _Hints:
-    """What a source says beyond its tensors: text-encoder layer overrides, prediction type."""
-
-    text_layers: dict[str, tuple[int, bool]] = dataclasses.field(default_factory=dict)
-    prediction: str | None = None
-    prediction_source: str = ""
-
-
-def _read_single_file(path):
-    from kuas.checkpoints.state_dict import ema_state_dict, read_state_dict
-
-    weights = ema_state_dict(read_state_dict(path))
-    metadata = dict(weights.metadata)
-    configs: dict[str, Any] = {}
-    hints = _Hints()
-    raw = metadata.get(KUAS_CONFIG_KEY)
-    if raw:
-        try:
-            kc = json.loads(raw)
-            configs["unet"] = UNetConfig.from_dict(kc["unet"])
-            configs["vae"] = VAEConfig.from_dict(kc["vae"])
-            for name, te in kc.get("text_encoders", {}).items():
-                configs[name] = CLIPTextConfig.from_dict(te["config"])
-                hints.text_layers[name] = (int(te["layer"]), bool(te["final_norm"]))
-            configs["family"] = kc.get("family")
-            configs["latent_scale"] = kc.get("latent_scale")
-            if kc.get("prediction") in ("eps", "v"):
-                hints.prediction, hints.prediction_source = kc["prediction"], "kuas metadata"
-        except (ValueError, KeyError, TypeError) as e:
-            from kuas.errors import CheckpointError
-
-            raise CheckpointError(path, f"has a malformed {KUAS_CONFIG_KEY} metadata entry ({e}); "
-                                        f"re-save it with kuas or remove that entry") from None
-    return weights, metadata, configs, hints
-
-
-def _read_diffusers(path):
-    """A diffusers folder as official-layout tensors (through the explicit key table) plus configs."""
-    from kuas.checkpoints.diffusers_keys import read_diffusers_folder
-
-    folder = read_diffusers_folder(path)
-    comps = folder.components
-    hints = _Hints(prediction="v" if folder.prediction_type == "v_prediction" else "eps",
-                   prediction_source="scheduler_config.json")
-    te1, te2 = comps.get("text_encoder"), comps.get("text_encoder_2")
-    layout1 = te1.extras.get("layout") if te1 else None
-    if te1 and te2:
-        prefixes = {"text_encoder": "conditioner.embedders.0.transformer.",
-                    "text_encoder_2": "conditioner.embedders.1.model."}
-    elif te2:  # SDXL refiner: only the OpenCLIP bigG encoder
-        prefixes = {"text_encoder_2": "conditioner.embedders.0.model."}
-    elif layout1 == "openclip":
-        prefixes = {"text_encoder": "cond_stage_model.model."}
-    else:
-        prefixes = {"text_encoder": "cond_stage_model.transformer."}
-    weights: dict[str, Tensor] = {}
-    configs: dict[str, Any] = {}
-    for name, comp in comps.items():
-        prefix = {"unet": UNET_PREFIX, "vae": VAE_PREFIX}.get(name) or prefixes[name]
-        weights.update({prefix + k: v for k, v in comp.tensors.items()})
-        configs[name] = comp.config
-        if comp.extras.get("last_layer_is_penultimate"):  # SD2: diffusers dropped OpenCLIP's last layer
-            hints.text_layers[name] = (-1, True)
-    if "vae" in comps and comps["vae"].extras.get("scaling_factor"):
-        configs["latent_scale"] = float(comps["vae"].extras["scaling_factor"])
-    for note in folder.notes:
-        log.info("%s: %s", path, note)
-    return weights, {}, configs, hints
-
-
-def _sidecar_prediction(path: str | os.PathLike) -> str | None:
-    """`parameterization: "v"` in a `.yaml` next to the checkpoint (the reference configs' convention)."""
-    p = Path(path)
-    for yaml_path in (p.with_suffix(".yaml"), p.with_suffix(".yml")):
-        if yaml_path.is_file() and yaml_path.stat().st_size < 1_000_000:
-            import re
-
-            text = yaml_path.read_text(errors="replace")
-            m = re.search(r"^\s*parameterization\s*:\s*[\"']?(\w+)", text, re.MULTILINE)
-            if m:
-                return "v" if m.group(1).lower() in ("v", "v_prediction") else "eps"
-            return "eps"  # a reference yaml without the key means eps
-    return None
-
-
-def _guess_prediction(weights: Mapping[str, Tensor]) -> str:
-    """SD 2.x v-models' last output block norm biases are far from zero (an observed weight statistic,
-    used by ComfyUI too); a guess, logged as such."""
-    key = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
-    t = weights.get(key)
-    if t is not None and t.device.type != "meta" and float(t.float().std(unbiased=False)) > 0.09:
-        return "v"
-    return "eps"
-
-
-def _assemble(path, weights, metadata, configs, hints, *, dtype, device, prediction) -> StableDiffusion:
-    from kuas.checkpoints.families import PREDICTION_TWINS, detect_family
-    from kuas.checkpoints.metadata import prediction_from_metadata
-    from kuas.checkpoints.state_dict import DEFAULT_ALLOWED_EXTRA, load_into
-    from kuas.errors import CheckpointError
-    from kuas.models.clip import infer_clip_config, infer_openclip_config
-    from kuas.models.unet import infer_unet_config
-    from kuas.models.vae import infer_vae_config
-
-    probe = UNET_PREFIX + "input_blocks.0.0.weight"
-    if probe not in weights:
-        raise CheckpointError(path, f"has no Stable Diffusion U-Net (no {probe!r}); is it a VAE, LoRA, "
-                                    f"embedding or another kind of model?")
-    candidates = detect_family(weights.keys(), int(weights[probe].shape[1]), path=os.fspath(path))
-    # Which of eps/v twins: explicit argument, sidecar yaml, metadata, kuas metadata, then a guess.
-    pred, source = prediction, "argument"
-    if pred is None and len(candidates) > 1:
-        pred, source = _sidecar_prediction(path), "sidecar yaml"
-        if pred is None:
-            pred, source = prediction_from_metadata(metadata), "ModelSpec metadata"
-        if pred is None and hints.prediction:
-            pred, source = hints.prediction, hints.prediction_source
-        if pred is None:
-            pred = _guess_prediction(weights)
-            log.warning("%s: SD 2.x weights do not say whether they predict eps or v; guessing %r. Pass "
-                        "prediction='eps' or 'v' (CLI: --prediction) if images look wrong.", path, pred)
-            source = "guess"
-    if len(candidates) > 1:
-        fam = get_family(PREDICTION_TWINS[candidates[0].name][pred])
-    else:
-        fam = candidates[0]
-        pred = pred or hints.prediction or prediction_from_metadata(metadata) or fam.prediction
-    log.debug("%s: family %s, prediction %s (%s)", path, fam.name, pred, source)
-
-    factory = {"device": "meta"}
-    unet_cfg = configs.get("unet") or infer_unet_config(weights, UNET_PREFIX)
-    vae_cfg = configs.get("vae") or infer_vae_config(weights, VAE_PREFIX)
-    unet = UNetModel(unet_cfg, **factory)
-    vae_model = AutoencoderKL(vae_cfg, scale_factor=configs.get("latent_scale") or fam.latent_scale, **factory)
-    encoders: dict[str, nn.Module] = {}
-    for spec in fam.text_encoders:
-        infer = infer_clip_config if spec.kind == "clip" else infer_openclip_config
-        cfg = configs.get(spec.name) or infer(weights, spec.prefix)
-        encoders[spec.name] = build_text_encoder(spec, cfg, **factory)
-
-    load_into(unet, weights, prefix=UNET_PREFIX, path=path, dtype=dtype, device=device)
-    load_into(vae_model, weights, prefix=VAE_PREFIX, path=path, dtype=dtype, device=device)
-    for spec in fam.text_encoders:
-        load_into(encoders[spec.name], weights, prefix=spec.prefix, path=path, dtype=dtype, device=device)
-    _check_leftovers(path, weights, [UNET_PREFIX, VAE_PREFIX] + [s.prefix for s in fam.text_encoders],
-                     DEFAULT_ALLOWED_EXTRA)
-    return StableDiffusion(fam, unet, vae_model, encoders, prediction=pred, text_layers=hints.text_layers,
-                           path=path if os.path.isfile(path) else None, metadata=metadata)
-
-
-def _check_leftovers(path, weights, prefixes, allowed) -> None:
-    """Keys that belong to no component and are not known harmless extras are an error."""
-    from fnmatch import fnmatchcase
-
-    from kuas.checkpoints.state_dict import _describe_keys
-    from kuas.errors import CheckpointError
-
-    stray = [k for k in weights if not k.startswith(tuple(prefixes))
-             and not any(fnmatchcase(k, p) or fnmatchcase(k.split(".", 1)[-1], p) for p in allowed)]
-    if stray:
-        raise CheckpointError(path, "has keys that belong to no part of the model: "
-                                    + "; ".join(_describe_keys("unexpected", stray)))
 
 
 def load_vae(

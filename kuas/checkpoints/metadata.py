@@ -14,6 +14,7 @@ from typing import Mapping
 from kuas.checkpoints.families import Family, family_by_architecture
 
 MODELSPEC_VERSION = "1.0.0"
+KUAS_CONFIG_KEY = "kuas.config"  # kuas' own description of the networks (JSON): heads, norm groups, layers
 IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # the key layout kuas writes
 _PREDICTION_NAMES = {"eps": "epsilon", "v": "v"}
 

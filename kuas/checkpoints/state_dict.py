@@ -284,7 +284,7 @@ def _group_of(key: str) -> str:
     return parts[0] + ".*" if len(parts) > 1 else key
 
 
-def _describe_keys(kind: str, keys: Iterable[str], max_groups: int = 12) -> list[str]:
+def describe_keys(kind: str, keys: Iterable[str], max_groups: int = 12) -> list[str]:
     groups: dict[str, list[str]] = {}
     for key in keys:
         groups.setdefault(_group_of(key), []).append(key)
@@ -349,7 +349,7 @@ def load_into(
         if k in provided and tuple(provided[k].shape) != tuple(expected[k].shape)
     ]
     if missing or unexpected or mismatched:
-        parts = _describe_keys("missing", missing) + _describe_keys("unexpected", unexpected)
+        parts = describe_keys("missing", missing) + describe_keys("unexpected", unexpected)
         for k, got, want in mismatched[:12]:
             parts.append(f"shape mismatch for {k}: checkpoint {got} vs model {want}")
         if len(mismatched) > 12:

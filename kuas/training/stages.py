@@ -54,7 +54,7 @@ def build_model(recipe: Recipe):
     from kuas.stable_diffusion import create
 
     return create(recipe.family, seed=recipe.seed, unet=recipe.unet, vae=recipe.vae,
-                  text_encoder=recipe.text_encoder, prediction=recipe.prediction)
+                  text_encoder=recipe.text_encoder, prediction=recipe.prediction, resolution=recipe.resolution)
 
 
 def _finish(trainer: Trainer, stage_dir: Path, names: list[str], extra: dict[str, str] | None = None) -> None:
@@ -255,7 +255,7 @@ def generate(sd, prompts: list[str], *, seed: int = 0, steps: int = 20, cfg_scal
     from kuas.sampling.schedules import DiscreteSchedule
     from PIL import Image
 
-    size = size or sd.family.resolution
+    size = size or sd.resolution
     device = sd.device
     schedule = DiscreteSchedule.sd().to(device)
     inner = (VDenoiser if sd.prediction == "v" else EpsDenoiser)(sd.unet, schedule)
