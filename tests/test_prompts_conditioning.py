@@ -98,6 +98,11 @@ def test_plain_text_reproduces_encode_prompt_exactly(family, request):
         else:
             assert enc.pooled is None
     assert encode_text(sd, "").token_counts == (0,)
+    if family != "sd1":
+        return  # the tiny 2-layer encoders of SD2/SDXL already use layer -2: no room for a CLIP skip
+    skipped = encode_text(sd, "a red cat", clip_skip=2).context
+    assert torch.equal(skipped, sd.encode_prompt(["a red cat"], clip_skip=2).context)
+    assert not torch.equal(skipped, sd.encode_prompt(["a red cat"]).context)
 
 
 def test_sd2_pads_with_zero_after_the_first_eos(sd2):
@@ -313,6 +318,12 @@ def test_group_with_different_chunk_counts_gets_empty_chunks(sd1):
     assert first.context.shape == second.context.shape == (154, 64)
     assert torch.equal(second.context[:77], plain(sd1, "short"))
     assert torch.equal(second.context[77:], plain(sd1, ""))
+
+
+def test_hires_steps_schedule_the_second_pass(sd1):
+    # [red:blue:25] with 20 first-pass steps: step 25 overall is step 5 of a 10-step hires pass
+    batch = PromptBatch.build(sd1, ["a [red:blue:25] cat"], [""], steps=20, hires_steps=10)
+    assert [batch.at_step(i).texts[0][0] for i in (0, 5, 6, 9)] == ["a red cat"] * 2 + ["a blue cat"] * 2
 
 
 def test_sdxl_empty_negative_prompt_is_zero(sdxl):
