@@ -322,6 +322,7 @@ def prompt_denoiser(
     negative_size_conditioning: Mapping[str, Any] | None = None,
     pad_cond_uncond: bool = True,
     comma_backtrack: int = COMMA_BACKTRACK,
+    zero_empty_negative: bool | None = None,
 ) -> PromptGuidedDenoiser:
     """Parse, encode and wrap in one call: the denoiser a pipeline hands to its sampler.
 
@@ -347,6 +348,7 @@ def prompt_denoiser(
         hires_steps=hires_steps,
         comma_backtrack=comma_backtrack,
         pad_cond_uncond=pad_cond_uncond,
+        zero_empty_negative=zero_empty_negative,
     )
     vector = negative_vector = None
     if sd.family.vector_conditioning:
