@@ -1,0 +1,736 @@
+"""The steps every generation pipeline shares: seeds and noise, conditioning, the denoiser stack, sigmas,
+VAE encode/decode (tiled when large, float32 retry on NaN), seamless tiling, progress and cancellation,
+PIL conversion, infotext and watermark.
+
+Seeds (A1111's rules, with its CPU random source):
+
+* image i of a request uses seed + i; with a variation strength > 0 every image keeps `seed` and the
+  variation seeds count up instead (subseed + i);
+* image i's initial noise is ``torch.randn((C, H // 8, W // 8), generator=torch.Generator("cpu")
+  .manual_seed(seed_i))``, drawn on the CPU whatever the device, then moved; the same generator then
+  feeds the ancestral / SDE noise of that image, so an image never depends on its place in a batch;
+* a variation seed mixes in a second noise by A1111's slerp (`slerp`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import secrets
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from kuas.errors import InvalidInputError, KuasError
+from kuas.pipelines.types import Request
+from kuas.sampling.denoisers import EpsDenoiser, LCMDenoiser, VDenoiser
+from kuas.sampling.guidance import CFGDenoiser
+from kuas.sampling.registry import SCHEDULES, SamplerSpec, sample, sigmas_for
+from kuas.sampling.samplers import BrownianNoiseSampler, SamplingInterrupted, StepInfo
+from kuas.sampling.schedules import DiscreteSchedule
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kuas.stable_diffusion import StableDiffusion
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "VAE_TILE_AUTO_PIXELS",
+    "ImageNoise",
+    "LatentBlend",
+    "Progress",
+    "StepCallback",
+    "UNetFunction",
+    "build_denoiser",
+    "check_request_for_model",
+    "decode_latents",
+    "default_size",
+    "encode_images",
+    "finish_images",
+    "image_seeds",
+    "images_to_tensor",
+    "img2img_sigmas",
+    "infotext_fields",
+    "inpainting_concat",
+    "random_seed",
+    "resize_image",
+    "run_sampler",
+    "sampling_sigmas",
+    "seamless_tiling",
+    "slerp",
+    "tensor_to_images",
+    "text_conditioning",
+]
+
+StepCallback = Callable[[int, int, Tensor], Any]
+"""``callback(step, total, latents)``: step counts from 1 over the whole request (every batch and pass),
+latents is the current x0 prediction (what a preview shows). Returning False stops; so does raising
+`kuas.sampling.samplers.SamplingInterrupted`."""
+
+VAE_TILE_AUTO_PIXELS = 2048 * 2048  # decode in tiles automatically above this many output pixels
+VAE_TILE_LATENT = 64  # tile side in latent pixels (512 image pixels for SD)
+VAE_TILE_OVERLAP = 16  # overlap between neighbouring tiles in latent pixels, blended linearly
+
+
+# -- seeds and noise ----------------------------------------------------------------------------------------
+def random_seed() -> int:
+    """A fresh seed for seed = -1, in A1111's range (0 .. 2**32 - 2)."""
+    return secrets.randbelow(2**32 - 1)
+
+
+def image_seeds(seed: int, subseed: int, subseed_strength: float, count: int) -> tuple[list[int], list[int]]:
+    """(seeds, variation seeds) of `count` images, -1 replaced by a random seed (A1111's rule: seed + i,
+    unless a variation strength is set, then every image shares the seed and the subseeds count up)."""
+    seed = random_seed() if seed == -1 else int(seed)
+    subseed = random_seed() if subseed == -1 else int(subseed)
+    seeds = [seed + (i if subseed_strength == 0 else 0) for i in range(count)]
+    return seeds, [subseed + i for i in range(count)]
+
+
+def slerp(t: float, low: Tensor, high: Tensor) -> Tensor:
+    """Spherical interpolation from `low` (t = 0) to `high` (t = 1), as A1111 mixes variation noise.
+
+    A1111 treats each (C, H, W) noise as C * W vectors along H (it normalises along dim 1), so kuas does the
+    same to reproduce its variation images; nearly parallel vectors fall back to a straight line.
+    """
+    low_unit = low / low.norm(dim=1, keepdim=True)
+    high_unit = high / high.norm(dim=1, keepdim=True)
+    dot = (low_unit * high_unit).sum(dim=1, keepdim=True)
+    if float(dot.mean()) > 0.9995:
+        return (1.0 - t) * low + t * high
+    omega = torch.acos(dot.clamp(-1.0, 1.0))
+    sin_omega = torch.sin(omega)
+    return torch.sin((1.0 - t) * omega) / sin_omega * low + torch.sin(t * omega) / sin_omega * high
+
+
+class ImageNoise:
+    """One CPU random stream per image: the first draw is the initial noise (mixed with the variation
+    noise), later draws feed the sampler's ancestral / SDE noise."""
+
+    def __init__(
+        self, seeds: Sequence[int], subseeds: Sequence[int] | None = None, subseed_strength: float = 0.0
+    ):
+        self.seeds = [int(s) for s in seeds]
+        self.subseeds = None if subseeds is None else [int(s) for s in subseeds]
+        self.subseed_strength = float(subseed_strength)
+        self.generators = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
+
+    def first(self, shape: Sequence[int]) -> Tensor:
+        """(B, *shape) float32 initial noise on the CPU."""
+        out = []
+        for i, g in enumerate(self.generators):
+            noise = torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+            if self.subseeds is not None and self.subseed_strength != 0:
+                sub_g = torch.Generator("cpu").manual_seed(self.subseeds[i])
+                sub = torch.randn(tuple(shape), generator=sub_g, dtype=torch.float32)
+                noise = slerp(self.subseed_strength, noise, sub)
+            out.append(noise)
+        return torch.stack(out)
+
+    def next(self, shape: Sequence[int]) -> Tensor:
+        """(B, *shape) float32 fresh noise on the CPU, continuing each image's stream."""
+        return torch.stack(
+            [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in self.generators]
+        )
+
+    def sampler_noise(self, like: Tensor) -> Callable[[float, float], Tensor]:
+        """A sampler `noise_sampler(sigma, sigma_next)` continuing these streams, on `like`'s device."""
+
+        def draw(sigma: float, sigma_next: float) -> Tensor:
+            return self.next(like.shape[1:]).to(like.device, like.dtype)
+
+        return draw
+
+
+# -- model checks and defaults ------------------------------------------------------------------------------
+def default_size(sd: StableDiffusion) -> tuple[int, int]:
+    """(width, height) the model was made for: ModelSpec `modelspec.resolution` ("WxH") when the file says,
+    else the family's resolution (512 SD1, 768 SD2-v, 1024 SDXL)."""
+    text = (sd.metadata or {}).get("modelspec.resolution", "")
+    parts = text.lower().replace(" ", "").split("x")
+    if len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts):
+        f = sd.vae_scale
+        return max(f, int(parts[0]) // f * f), max(f, int(parts[1]) // f * f)
+    return sd.family.resolution, sd.family.resolution
+
+
+def check_request_for_model(sd: StableDiffusion, request: Request) -> None:
+    """Checks that need the model: sizes fit its VAE factor, the text encoders have `clip_skip` layers,
+    the family is one the pipelines can drive."""
+    if sd.family.is_depth:
+        raise InvalidInputError(
+            f"{sd.family.name} models are conditioned on a depth map, which kuas' pipelines "
+            f"do not compute yet; use a plain or inpainting model"
+        )
+    factor = sd.vae_scale
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value % factor:
+            raise InvalidInputError(
+                f"{name} must be a multiple of {factor} for this model's VAE, got {value}"
+            )
+    for slot in sd.slots:
+        sd.text_layer(slot, request.clip_skip)
+
+
+# -- conditioning -------------------------------------------------------------------------------------------
+def text_conditioning(
+    sd: StableDiffusion,
+    prompts: list[str],
+    negative_prompts: list[str] | None,
+    *,
+    clip_skip: int,
+    width: int,
+    height: int,
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """(cond, uncond) keyword dicts for the denoiser: ``context`` and, for SDXL, ``y`` (pooled text and the
+    pixel size). uncond is None when `negative_prompts` is None (guidance scale 1 needs none)."""
+
+    def encode(texts: list[str], aesthetic: float) -> dict[str, Tensor]:
+        c = sd.encode_prompt(texts, clip_skip=clip_skip)
+        out = {"context": c.context}
+        if sd.family.vector_conditioning:
+            size = (height, width)
+            kwargs = {"aesthetic_score": aesthetic} if sd.family.refiner else {}
+            out["y"] = sd.vector_conditioning(c.pooled, original_size=size, target_size=size, **kwargs)
+        return out
+
+    cond = encode(prompts, 6.0)
+    uncond = None if negative_prompts is None else encode(negative_prompts, 2.5)  # sgm's refiner scores
+    return cond, uncond
+
+
+def inpainting_concat(
+    sd: StableDiffusion,
+    pixels: Tensor | None,
+    mask: Tensor | None,
+    latent_hw: tuple[int, int],
+    batch: int,
+    *,
+    tiled: bool | None = None,
+) -> Tensor:
+    """The extra U-Net input of a 9-channel inpainting model: cat([mask, VAE(masked image)]) at latent size.
+
+    `pixels` (B or 1, 3, H, W) in [-1, 1] and `mask` (1, 1, H, W), 1 = repaint, already binary. The masked
+    image is `pixels * (1 - mask)` (masked pixels 0, i.e. mid-grey), as A1111's `inpainting_image_conditioning`
+    and diffusers' inpaint pipeline build it; the mask is resized to the latent grid by nearest neighbour.
+    Without pixels (txt2img) the whole image is masked: mask ones, image zeros.
+    """
+    h, w = latent_hw
+    f = sd.vae_scale
+    if pixels is None:
+        pixels = torch.zeros(1, 3, h * f, w * f)
+        mask = torch.ones(1, 1, h * f, w * f)
+    if mask is None:
+        mask = torch.ones(1, 1, *pixels.shape[-2:])
+    masked = pixels * (1.0 - mask.to(pixels))
+    latents = encode_images(sd, masked)
+    small = F.interpolate(mask.to(torch.float32), size=(h, w), mode="nearest")
+    concat = torch.cat([small.to(latents), latents], dim=1)
+    return concat.expand(batch, -1, -1, -1) if concat.shape[0] == 1 else concat
+
+
+# -- denoisers ----------------------------------------------------------------------------------------------
+class UNetFunction:
+    """The U-Net as a denoiser's model function; ``c_concat`` (inpainting mask + masked-image latents) is
+    joined to the scaled input's channels, after it, as the reference models were trained."""
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor | None = None,
+        y: Tensor | None = None,
+        c_concat: Tensor | None = None,
+    ) -> Tensor:
+        if c_concat is not None:
+            x = torch.cat([x, c_concat.to(device=x.device, dtype=x.dtype)], dim=1)
+        return self.unet(x, t, context=context, y=y)
+
+
+class LatentBlend:
+    """Keep the original outside the mask (A1111's inpainting on any model): the x0 prediction becomes
+    ``init * (1 - mask) + mask * x0`` each step, so the sampler's latent stays the noised original there."""
+
+    def __init__(self, inner: Callable[..., Tensor], init_latent: Tensor, mask: Tensor):
+        self.inner = inner
+        self.init_latent = init_latent
+        self.mask = mask
+
+    def __call__(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        denoised = self.inner(x, sigma, **cond)
+        return self.init_latent * (1 - self.mask) + self.mask * denoised
+
+
+def build_denoiser(
+    sd: StableDiffusion,
+    spec: SamplerSpec,
+    cond: Mapping[str, Tensor],
+    uncond: Mapping[str, Tensor] | None,
+    *,
+    cfg_scale: float,
+    guidance_rescale: float = 0.0,
+    c_concat: Tensor | None = None,
+    blend: tuple[Tensor, Tensor] | None = None,
+) -> Callable[..., Tensor]:
+    """eps/v denoiser (by `sd.prediction`) -> classifier-free guidance (cond and uncond in one batch) ->
+    LCM boundary condition when the sampler wants it -> latent blend for inpainting (`blend` = (init latent,
+    mask)). `c_concat` goes to both guidance sides."""
+    schedule = DiscreteSchedule.sd()
+    base_cls = VDenoiser if sd.prediction == "v" else EpsDenoiser
+    denoiser: Any = base_cls(UNetFunction(sd.unet), schedule)
+    cond = dict(cond)
+    uncond = None if uncond is None else dict(uncond)
+    if c_concat is not None:
+        cond["c_concat"] = c_concat
+        if uncond is not None:
+            uncond["c_concat"] = c_concat
+    denoiser = CFGDenoiser(denoiser, cond, uncond, cfg_scale, guidance_rescale)
+    if spec.lcm:
+        denoiser = LCMDenoiser(denoiser)
+    if blend is not None:
+        denoiser = LatentBlend(denoiser, *blend)
+    return denoiser
+
+
+# -- sigmas -------------------------------------------------------------------------------------------------
+def sampling_sigmas(sd: StableDiffusion, spec: SamplerSpec, schedule_key: str, steps: int) -> Tensor:
+    """The sigmas of `steps` steps of this sampler and schedule, ending at 0."""
+    return sigmas_for(spec, schedule_key, steps, DiscreteSchedule.sd(), sdxl=sd.family.is_sdxl)
+
+
+def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
+    """The tail of `sigmas` that img2img runs: the last int(steps * strength) steps.
+
+    This is diffusers' count (A1111 runs one step more: int(strength * steps) + 1 with strength capped at
+    0.999); the noise is added at the first sigma of the tail.
+    """
+    n = min(int(steps * strength), len(sigmas) - 1)
+    if n < 1:
+        raise InvalidInputError(f"strength {strength} with {steps} steps runs no sampling step; raise either")
+    return sigmas[-(n + 1) :]
+
+
+# -- progress, cancellation, NaN checks ---------------------------------------------------------------------
+class Progress:
+    """Counts sampling steps over a whole request, calls the user's callback, shows a tqdm bar, and stops
+    on a non-finite prediction (a U-Net overflow) or on request."""
+
+    def __init__(self, total: int, callback: StepCallback | None = None, show: bool = False):
+        self.total = int(total)
+        self.done = 0
+        self.callback = callback
+        self.bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc="kuas", unit="step")
+
+    def __call__(self, info: StepInfo) -> None:
+        if not torch.isfinite(info.denoised).all():
+            raise KuasError(
+                f"the U-Net produced NaN/Inf values at sampling step {info.i + 1} (sigma {info.sigma:.4g}); with "
+                f"float16 weights this is usually an overflow: load the model with dtype=torch.float32 or "
+                f"torch.bfloat16"
+            )
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.callback is not None and self.callback(self.done, self.total, info.denoised) is False:
+            raise SamplingInterrupted(
+                "sampling stopped: the callback returned False", step=info.i, x=info.x, denoised=info.denoised
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def run_sampler(
+    denoiser: Callable[..., Tensor],
+    x: Tensor,
+    sigmas: Tensor,
+    spec: SamplerSpec,
+    noise: ImageNoise,
+    *,
+    eta: float | None = None,
+    progress: Progress | None = None,
+) -> Tensor:
+    """Run `spec` from `x` (noisy latents at sigmas[0]) to sigmas[-1] with per-image noise streams."""
+    kwargs: dict[str, Any] = {"disable": True}
+    if progress is not None:
+        kwargs["callback"] = progress
+    if spec.stochastic and _accepts(spec.function, "noise_sampler"):
+        if spec.brownian_noise:
+            positive = [float(s) for s in sigmas if s > 0]
+            lo, hi = min(positive), max(positive)
+            kwargs["noise_sampler"] = BrownianNoiseSampler(
+                x, lo, hi if hi > lo else lo * 2, seeds=noise.seeds
+            )
+        else:
+            kwargs["noise_sampler"] = noise.sampler_noise(x)
+    if eta is not None:
+        if _accepts(spec.function, "eta"):
+            kwargs["eta"] = eta
+        else:
+            log.warning("sampler %s has no eta; eta=%s ignored", spec.name, eta)
+    return sample(denoiser, x, sigmas.to(x.device), spec, **kwargs)
+
+
+# -- VAE ----------------------------------------------------------------------------------------------------
+def _vae_call(sd: StableDiffusion, fn: Callable[[], Tensor], what: str) -> Tensor:
+    """Run a VAE computation; on NaN/Inf in low precision, run it again with the VAE in float32 (restored
+    after), as A1111 does for VAEs that overflow in float16."""
+    out = fn()
+    if torch.isfinite(out).all():
+        return out
+    vae = sd.vae
+    if vae.dtype != torch.float32:
+        dtype = vae.dtype
+        log.warning("VAE %s gave NaN/Inf in %s; retrying in float32", what, dtype)
+        vae.to(torch.float32)
+        try:
+            out = fn()
+        finally:
+            vae.to(dtype)
+        if torch.isfinite(out).all():
+            return out
+    raise KuasError(
+        f"the VAE {what} produced NaN/Inf values even in float32; the VAE weights may be broken: "
+        f"try another VAE (kuas.load(..., vae=path))"
+    )
+
+
+def encode_images(sd: StableDiffusion, pixels: Tensor) -> Tensor:
+    """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents (float32, on the model's device).
+
+    kuas takes the posterior mean (A1111 and diffusers draw a sample; the SD VAE's posterior std is tiny,
+    and the mean keeps img2img independent of the random streams).
+    """
+
+    def run() -> Tensor:
+        vae = sd.vae
+        return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).mean.float()
+
+    return _vae_call(sd, run, "encode") * sd.vae.scale_factor
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride)) + [size - tile]
+    return sorted(set(starts))
+
+
+def _ramp(length: int, fade_in: int, fade_out: int) -> Tensor:
+    """Weights along one tile side: linear ramps where a neighbour overlaps, 1 elsewhere (never 0)."""
+    w = torch.ones(length)
+    if fade_in:
+        w[:fade_in] = torch.arange(1, fade_in + 1) / (fade_in + 1)
+    if fade_out:
+        w[length - fade_out :] = torch.minimum(
+            w[length - fade_out :], torch.arange(fade_out, 0, -1) / (fade_out + 1)
+        )
+    return w
+
+
+def _decode_tiled(vae: nn.Module, z: Tensor, tile: int, overlap: int) -> Tensor:
+    """Decode overlapping latent tiles and blend them with linear ramps over the overlaps (each tile's
+    GroupNorm sees only its tile, so tiles differ slightly; the blend hides the seams)."""
+    f = vae.config.downsample_factor
+    b, _, h, w = z.shape
+    out = torch.zeros(b, vae.config.out_ch, h * f, w * f, dtype=torch.float32)
+    weight = torch.zeros(1, 1, h * f, w * f)
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = _tile_starts(h, th, overlap), _tile_starts(w, tw, overlap)
+    for iy, y in enumerate(ys):
+        top = ys[iy - 1] + th - y if iy > 0 else 0
+        bottom = y + th - ys[iy + 1] if iy + 1 < len(ys) else 0
+        wy = _ramp(th * f, top * f, bottom * f)
+        for ix, x in enumerate(xs):
+            left = xs[ix - 1] + tw - x if ix > 0 else 0
+            right = x + tw - xs[ix + 1] if ix + 1 < len(xs) else 0
+            wx = _ramp(tw * f, left * f, right * f)
+            piece = vae.decode(z[:, :, y : y + th, x : x + tw]).float().cpu()
+            mask = (wy[:, None] * wx[None, :])[None, None]
+            out[:, :, y * f : (y + th) * f, x * f : (x + tw) * f] += piece * mask
+            weight[:, :, y * f : (y + th) * f, x * f : (x + tw) * f] += mask
+    return out / weight
+
+
+def decode_latents(
+    sd: StableDiffusion,
+    latents: Tensor,
+    *,
+    tiled: bool | None = None,
+    tile: int = VAE_TILE_LATENT,
+    overlap: int = VAE_TILE_OVERLAP,
+) -> Tensor:
+    """Scaled latents -> images (B, 3, H, W) float32 in [0, 1] on the CPU.
+
+    tiled: True / False, or None to tile only above `VAE_TILE_AUTO_PIXELS` output pixels.
+    """
+    vae = sd.vae
+    f = sd.vae_scale
+    if tiled is None:
+        tiled = latents.shape[-2] * latents.shape[-1] * f * f > VAE_TILE_AUTO_PIXELS
+    if tiled and overlap >= tile:
+        raise InvalidInputError(f"VAE tile overlap {overlap} must be smaller than the tile {tile}")
+
+    def run() -> Tensor:
+        z = (latents / vae.scale_factor).to(device=vae.device, dtype=vae.dtype)
+        if tiled:
+            return _decode_tiled(vae, z, tile, overlap)
+        return vae.decode(z).float().cpu()
+
+    images = _vae_call(sd, run, "decode")
+    return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+# -- seamless tiling ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def seamless_tiling(*modules: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Circular padding in every padded Conv2d of `modules` for the duration of the block (A1111's
+    "Tiling"): images wrap around and tile seamlessly. Only the instances' `padding_mode` changes; it is
+    restored on exit, even on error."""
+    changed: list[tuple[nn.Conv2d, str]] = []
+    if enabled:
+        for module in modules:
+            for conv in module.modules():
+                if isinstance(conv, nn.Conv2d) and not isinstance(conv.padding, str) and any(conv.padding):
+                    changed.append((conv, conv.padding_mode))
+                    conv.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for conv, mode in changed:
+            conv.padding_mode = mode
+
+
+# -- images -------------------------------------------------------------------------------------------------
+def images_to_tensor(images: Sequence[Image.Image]) -> Tensor:
+    """RGB PIL images of one size -> (B, 3, H, W) float32 in [-1, 1]."""
+    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
+
+
+def tensor_to_images(pixels: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> RGB PIL images (rounded to the nearest 8-bit value)."""
+    arrays = (pixels.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy(), "RGB") for a in arrays]
+
+
+def resize_image(
+    image: Image.Image,
+    width: int,
+    height: int,
+    mode: str = "just resize",
+    resample: Image.Resampling = Image.Resampling.LANCZOS,
+) -> Image.Image:
+    """A1111's resize modes: "just resize" (stretch), "crop and resize" (cover, centre crop), "resize and
+    fill" (fit inside, then stretch the border rows / columns of the picture over the empty bands)."""
+    if image.size == (width, height):
+        return image.copy()
+    if mode == "just resize":
+        return image.resize((width, height), resample)
+    src_ratio, dst_ratio = image.width / image.height, width / height
+    if mode == "crop and resize":
+        if dst_ratio > src_ratio:  # wider target: match width, crop height
+            w, h = width, max(1, round(image.height * width / image.width))
+        else:
+            w, h = max(1, round(image.width * height / image.height)), height
+        resized = image.resize((w, h), resample)
+        left, top = (w - width) // 2, (h - height) // 2
+        return resized.crop((left, top, left + width, top + height))
+    if mode != "resize and fill":
+        raise InvalidInputError(f"unknown resize mode {mode!r}")
+    if dst_ratio < src_ratio:  # narrower target: match width, bands above and below
+        w, h = width, max(1, round(image.height * width / image.width))
+    else:
+        w, h = max(1, round(image.width * height / image.height)), height
+    resized = image.resize((w, h), resample)
+    canvas = Image.new(image.mode, (width, height))
+    x0, y0 = (width - w) // 2, (height - h) // 2
+    canvas.paste(resized, (x0, y0))
+    if y0 > 0:
+        canvas.paste(resized.crop((0, 0, w, 1)).resize((w, y0)), (x0, 0))
+    if height - y0 - h > 0:
+        canvas.paste(resized.crop((0, h - 1, w, h)).resize((w, height - y0 - h)), (x0, y0 + h))
+    if x0 > 0:
+        canvas.paste(resized.crop((0, 0, 1, h)).resize((x0, h)), (0, y0))
+    if width - x0 - w > 0:
+        canvas.paste(resized.crop((w - 1, 0, w, h)).resize((width - x0 - w, h)), (x0 + w, y0))
+    return canvas
+
+
+# -- output -------------------------------------------------------------------------------------------------
+def infotext_fields(
+    sd: StableDiffusion,
+    request: Request,
+    *,
+    seed: int,
+    subseed: int,
+    spec: SamplerSpec,
+    schedule_key: str,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A1111's infotext fields for one image (names and values as A1111 writes them; None = left out)."""
+    varied = request.subseed_strength > 0
+    fields: dict[str, Any] = {
+        "Steps": request.steps,
+        "Sampler": spec.name,
+        "Schedule type": SCHEDULES[schedule_key].label,
+        "CFG scale": float(request.cfg_scale),
+        "Seed": seed,
+        "Size": (request.width, request.height),
+        "Model hash": sd.model_hash,
+        "Model": sd.name,
+        "Variation seed": subseed if varied else None,
+        "Variation seed strength": float(request.subseed_strength) if varied else None,
+        "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+        "Tiling": True if request.tiling else None,
+        "Eta": float(request.eta) if request.eta is not None and _accepts(spec.function, "eta") else None,
+        "Guidance rescale": float(request.guidance_rescale) if request.guidance_rescale > 0 else None,
+    }
+    fields.update(extra or {})
+    from kuas import __version__
+
+    fields["Version"] = f"kuas {__version__}"
+    return fields
+
+
+def finish_images(
+    images: Sequence[Image.Image], infotexts: Sequence[str], *, watermark: bool
+) -> list[Image.Image]:
+    """Apply the invisible watermark (unless `watermark` is False) and attach each image's infotext as
+    ``image.info["parameters"]`` (what PNG savers write to A1111's ``parameters`` chunk)."""
+    from kuas.images.watermark import apply_watermark
+
+    out = []
+    for image, text in zip(images, infotexts, strict=True):
+        if watermark:
+            image = apply_watermark(image)
+        image.info["parameters"] = text
+        out.append(image)
+    return out
+
+
+@dataclass
+class Batch:
+    """The images of one sampler call: their index range, prompts and seeds."""
+
+    start: int
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    subseeds: list[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.prompts)
+
+
+def batches(request: Request, seeds: list[int], subseeds: list[int]) -> list[Batch]:
+    """Split a request's images into batch_count batches of batch_size."""
+    prompts, negatives = request.prompts_for("prompt"), request.prompts_for("negative_prompt")
+    n = request.batch_size
+    return [
+        Batch(i, prompts[i : i + n], negatives[i : i + n], seeds[i : i + n], subseeds[i : i + n])
+        for i in range(0, request.image_count, n)
+    ]
+
+
+def check_noise(noise: Tensor | None, count: int, shape: tuple[int, ...]) -> Tensor | None:
+    """User-given initial noise (like diffusers' `latents=`): (images, C, h, w), finite."""
+    if noise is None:
+        return None
+    if not isinstance(noise, Tensor) or tuple(noise.shape) != (count, *shape):
+        got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+        raise InvalidInputError(
+            f"noise must be a tensor of shape {(count, *shape)} (images, latent channels, "
+            f"height / 8, width / 8), got {got}"
+        )
+    if not torch.isfinite(noise).all():
+        raise InvalidInputError("noise contains NaN or Inf values")
+    return noise.detach().to(torch.float32, copy=True).cpu()
+
+
+def latent_shape(sd: StableDiffusion, width: int, height: int) -> tuple[int, int, int]:
+    f = sd.vae_scale
+    return (sd.latent_channels, height // f, width // f)
+
+
+def batch_noise(
+    request: Request, batch: Batch, shape: tuple[int, ...], user_noise: Tensor | None = None
+) -> tuple[ImageNoise, Tensor]:
+    """(the batch's random streams, its initial noise (B, *shape) on the CPU); `user_noise` holds every
+    image's noise and replaces the drawn one (the streams still advance, so sampler noise is unchanged)."""
+    rng = ImageNoise(batch.seeds, batch.subseeds, request.subseed_strength)
+    noise = rng.first(shape)
+    if user_noise is not None:
+        noise = user_noise[batch.start : batch.start + batch.size]
+    return rng, noise
+
+
+def sample_batch(
+    sd: StableDiffusion,
+    request: Request,
+    batch: Batch,
+    *,
+    spec: SamplerSpec,
+    sigmas: Tensor,
+    rng: ImageNoise,
+    noise: Tensor,
+    width: int,
+    height: int,
+    init_latent: Tensor | None = None,
+    c_concat: Tensor | None = None,
+    blend: tuple[Tensor, Tensor] | None = None,
+    progress: Progress | None = None,
+) -> Tensor:
+    """Encode the batch's prompts, build the denoiser and sample one batch.
+
+    Without `init_latent` (txt2img, or strength 1) sampling starts from pure noise ``noise * sigmas[0]``;
+    with it from ``init_latent + noise * sigmas[0]``. `blend` = (original latents, mask at latent size,
+    1 = repaint) keeps the original outside the mask during sampling (`LatentBlend`) and in the result.
+    """
+    device = sd.device
+    uncond_prompts = batch.negative_prompts if request.cfg_scale != 1.0 else None
+    cond, uncond = text_conditioning(
+        sd, batch.prompts, uncond_prompts, clip_skip=request.clip_skip, width=width, height=height
+    )
+    x = noise.to(device) * sigmas[0]
+    if init_latent is not None:
+        x = x + init_latent.to(device)
+    if blend is not None:
+        blend = (blend[0].to(device), blend[1].to(device))
+    denoiser = build_denoiser(
+        sd,
+        spec,
+        cond,
+        uncond,
+        cfg_scale=request.cfg_scale,
+        guidance_rescale=request.guidance_rescale,
+        c_concat=c_concat,
+        blend=blend,
+    )
+    latents = run_sampler(denoiser, x, sigmas, spec, rng, eta=request.eta, progress=progress)
+    if blend is not None:
+        original, mask = blend
+        latents = original * (1 - mask) + mask * latents
+    return latents
