@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "kuas.cli.samplers",
     "kuas.cli.train",
     "kuas.cli.eval",
+    "kuas.cli.prompt",
 ]
 
 
