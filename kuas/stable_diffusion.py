@@ -36,10 +36,13 @@ class Conditioning:
 
     context: (B, 77 * chunks, context_dim) cross-attention input.
     pooled: SDXL's pooled text embedding (B, 1280), else None.
+    y: SDXL's vector conditioning (B, 2816): pooled + size embeddings for the model's native size
+        (pipelines rebuild it for the requested size with `StableDiffusion.vector_conditioning`).
     """
 
     context: Tensor
     pooled: Tensor | None = None
+    y: Tensor | None = None
 
     def __len__(self) -> int:
         return self.context.shape[0]
@@ -184,7 +187,11 @@ class StableDiffusion:
             if slot.spec.pooled:
                 pooled = out.pooled
         context = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)
-        return Conditioning(context, pooled)
+        y = None
+        if pooled is not None and self.family.vector_conditioning:
+            size = (self.resolution, self.resolution)
+            y = self.vector_conditioning(pooled, original_size=size, target_size=size)
+        return Conditioning(context, pooled, y)
 
     def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
         """Token ids per text encoder (77 tokens, truncated; the prompt language lifts the limit)."""

@@ -39,6 +39,11 @@ def test_save_load_round_trip_every_family(tmp_path, family):
     # the same prompt gives the same conditioning from the loaded model
     c1, c2 = sd.encode_prompt(["a red circle"]), back.encode_prompt(["a red circle"])
     assert torch.equal(c1.context, c2.context)
+    if FAMILIES[family].vector_conditioning:  # SDXL: pooled text and the vector conditioning y
+        assert c1.y.shape == (1, back.unet.config.adm_in_channels) and torch.equal(c1.y, c2.y)
+        assert torch.equal(c1.y[:, : c1.pooled.shape[1]], c1.pooled)
+    else:
+        assert c1.pooled is None and c1.y is None
 
 
 def test_create_is_seeded_and_leaves_global_rng_alone():
