@@ -213,8 +213,12 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
 
     trainable = ["unet"] + (["text_encoder"] if train_text_encoder else [])
 
+    eval_every, eval_n = int(opts.get("eval_every", 0)), int(opts.get("eval_n", 24))
+
     def sample(step, out_dir):
         write_sample_grid(sd, recipe, out_dir / f"samples-{step:07d}.png")
+        if eval_every and step % eval_every == 0:
+            _log_adherence(sd, recipe, step, stage_dir, eval_n)
 
     trainer = Trainer(stage_dir, cfg, {"unet": unet, "text_encoder": te}, trainable, make_batch, compute_loss,
                       sample=sample if recipe.sample_prompts else None, ema_modules=trainable, dist_info=dist,
@@ -272,6 +276,23 @@ def generate(sd, prompts: list[str], *, seed: int = 0, steps: int = 20, cfg_scal
     pixels = sd.vae.decode(x / sd.latent_scale).float().clamp(-1, 1)
     arr = ((pixels.cpu().permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
     return [Image.fromarray(a) for a in arr]
+
+
+def _log_adherence(sd, recipe: Recipe, step: int, stage_dir: Path, n: int) -> None:
+    """Held-out and seen prompt adherence of the current (EMA) weights, appended to eval.jsonl."""
+    from kuas.training.evaluation import SETS, evaluate_adherence
+
+    opts = recipe.sample
+
+    def gen(prompts, seed):
+        return generate(sd, prompts, seed=seed, steps=int(opts.get("steps", 20)),
+                        cfg_scale=float(opts.get("cfg_scale", 4.0)), sampler=opts.get("sampler", "Euler"),
+                        size=recipe.resolution)
+
+    results = evaluate_adherence(gen, n, sets=SETS[:3] + SETS[4:5])
+    with open(stage_dir / "eval.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **results}) + "\n")
+    log.info("step %d adherence: %s", step, {k: round(v["all_correct"] or 0, 3) for k, v in results.items()})
 
 
 def write_sample_grid(sd, recipe: Recipe, path: Path) -> None:
