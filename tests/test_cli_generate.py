@@ -311,12 +311,37 @@ def test_watermark_command(cli, tmp_path):
     assert status == 1 and "truncated" in err and out.startswith(f"{marked}: watermark found")
 
 
-# -- generation end to end (needs kuas.pipelines) ----------------------------------------------------------
+# -- generation end to end --------------------------------------------------------------------------------
+def test_every_option_is_a_pipeline_argument():
+    import inspect
+
+    from kuas.pipelines.img2img import img2img
+    from kuas.pipelines.inpaint import inpaint
+    from kuas.pipelines.outpaint import outpaint
+    from kuas.pipelines.txt2img import txt2img
+
+    functions = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint, "outpaint": outpaint}
+    for command, function in functions.items():
+        accepted = set(inspect.signature(function).parameters)
+        assert generate._keywords(command) <= accepted, (command, generate._keywords(command) - accepted)
+
+
+def run_ok(cli, *argv) -> list[str]:
+    status, stdout, err = cli(*argv, "--no-progress")
+    assert status == 0, err
+    return stdout.splitlines()
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).copy()
+
+
 def test_txt2img_end_to_end_and_from_infotext_reproduces(cli, tmp_path, tiny_model):
-    pytest.importorskip("kuas.pipelines.txt2img", reason="the pipelines have not landed yet")
     torch.manual_seed(0)
     out = tmp_path / "out"
-    status, stdout, err = cli(
+    paths = run_ok(
+        cli,
         "txt2img",
         "a red circle, on blue",
         "--model",
@@ -339,10 +364,7 @@ def test_txt2img_end_to_end_and_from_infotext_reproduces(cli, tmp_path, tiny_mod
         "green",
         "--outdir",
         out,
-        "--no-progress",
     )
-    assert status == 0, err
-    paths = stdout.splitlines()
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["00000-5.png", "00001-6.png"]
     for path, seed in zip(paths, (5, 6)):
         prompt, negative, fields = parse_infotext(read_infotext(path))
@@ -354,15 +376,116 @@ def test_txt2img_end_to_end_and_from_infotext_reproduces(cli, tmp_path, tiny_mod
             "64x64",
             "4",
         )
-        with Image.open(path) as image:
-            assert image.size == (64, 64)
+        assert pixels(path).shape == (64, 64, 3)
+    assert not np.array_equal(pixels(paths[0]), pixels(paths[1]))
 
-    status, stdout, err = cli(
-        "txt2img", "--from-infotext", paths[1], "--model", tiny_model, "--outdir", out, "--no-progress"
-    )
-    assert status == 0, err
-    [again] = stdout.splitlines()
+    [again] = run_ok(cli, "txt2img", "--from-infotext", paths[1], "--model", tiny_model, "--outdir", out)
     assert again.endswith("00002-6.png")
-    with Image.open(paths[1]) as first, Image.open(again) as second:
-        assert np.array_equal(np.asarray(first), np.asarray(second))
+    assert np.array_equal(pixels(paths[1]), pixels(again))
     assert read_infotext(again) == read_infotext(paths[1])
+    [changed] = run_ok(
+        cli, "txt2img", "--from-infotext", paths[1], "--seed", "9", "--model", tiny_model, "--outdir", out
+    )
+    assert parse_infotext(read_infotext(changed)).fields["Seed"] == "9"
+    assert not np.array_equal(pixels(paths[1]), pixels(changed))
+
+
+def test_image_commands_end_to_end(cli, tmp_path, tiny_model):
+    init = tmp_path / "init.png"
+    render(sample_scene(2), size=64).save(init)
+    mask = tmp_path / "mask.png"
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (16, 16, 48, 48))
+    m.save(mask)
+    out = tmp_path / "out"
+    common = ["--model", tiny_model, "--steps", "4", "--seed", "3", "--outdir", out]
+
+    [img2img] = run_ok(cli, "img2img", "a watercolour", "--image", init, "--strength", "0.5", *common)
+    fields = parse_infotext(read_infotext(img2img)).fields
+    assert (fields["Denoising strength"], fields["Size"]) == ("0.5", "64x64")
+    [again] = run_ok(
+        cli, "img2img", "--image", init, "--from-infotext", img2img, "--model", tiny_model, "--outdir", out
+    )
+    assert np.array_equal(pixels(img2img), pixels(again))
+
+    [inpainted] = run_ok(
+        cli,
+        "inpaint",
+        "a cat",
+        "--image",
+        init,
+        "--mask",
+        mask,
+        "--mask-blur",
+        "0",
+        "--strength",
+        "1",
+        *common,
+    )
+    fields = parse_infotext(read_infotext(inpainted)).fields
+    assert (fields["Mask blur"], fields["Denoising strength"]) == ("0", "1")
+    before, after = pixels(init), pixels(inpainted)
+    keep = np.asarray(m) == 0
+    assert np.array_equal(before[keep], after[keep])  # outside the mask: the original pixels
+    assert not np.array_equal(before[~keep], after[~keep])
+
+    [extended] = run_ok(
+        cli, "outpaint", "a meadow", "--image", init, "--left", "16", "--bottom", "8", *common
+    )
+    assert pixels(extended).shape == (72, 80, 3)
+    assert parse_infotext(read_infotext(extended)).fields["Outpaint"] == "left 16 right 0 top 0 bottom 8"
+    [again] = run_ok(
+        cli, "outpaint", "--image", init, "--from-infotext", extended, "--model", tiny_model, "--outdir", out
+    )
+    assert np.array_equal(pixels(extended), pixels(again))
+
+
+def test_512_output_carries_the_watermark(cli, tmp_path, tiny_model):
+    common = ["--model", tiny_model, "--steps", "1", "--seed", "1"]
+    [marked] = run_ok(
+        cli,
+        "txt2img",
+        "a red circle",
+        *common,
+        "--width",
+        "512",
+        "--height",
+        "512",
+        "--outdir",
+        tmp_path / "a",
+    )
+    [small] = run_ok(
+        cli,
+        "txt2img",
+        "a red circle",
+        *common,
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--outdir",
+        tmp_path / "b",
+    )
+    [plain] = run_ok(
+        cli,
+        "txt2img",
+        "a red circle",
+        *common,
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--no-watermark",
+        "--outdir",
+        tmp_path / "c",
+    )
+    status, out, _ = cli("watermark", marked, small, plain)
+    lines = out.splitlines()
+    assert status == 0 and lines[0] == f"{marked}: watermark found (136/136 bits, dwtDct)"
+    assert (
+        lines[1] == f"{small}: watermark found (136/136 bits, dwtDct; under 256x256, so only kuas reads it)"
+    )
+    assert lines[2].startswith(f"{plain}: no watermark")
+    imwatermark = pytest.importorskip("imwatermark", reason="test extra: pip install invisible-watermark")
+    bgr = np.ascontiguousarray(pixels(marked)[:, :, ::-1])
+    assert imwatermark.WatermarkDecoder("bytes", 136).decode(bgr, "dwtDct") == b"StableDiffusionV1"

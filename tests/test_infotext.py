@@ -233,6 +233,25 @@ def test_request_mapping_of_inpainting_fields(caplog):
     assert (request["inpaint_full_res"], request["invert_mask"]) == (False, False)
 
 
+def test_request_mapping_of_kuas_fields():
+    text = format_infotext(
+        "p",
+        "",
+        {
+            "Steps": 4,
+            "Sampler": "Euler",
+            "Seed": 1,
+            "Guidance rescale": 0.7,
+            "Outpaint": "left 64 right 0 top 8 bottom 0",
+        },
+    )
+    request = infotext_to_request(text)
+    assert request["guidance_rescale"] == 0.7
+    assert (request["left"], request["right"], request["top"], request["bottom"]) == (64, 0, 8, 0)
+    with pytest.raises(InvalidInputError, match="Outpaint"):
+        infotext_to_request(("p", "", {"Outpaint": "sideways 3"}))
+
+
 def test_last_line_with_fewer_than_three_pairs_is_prompt():
     prompt, negative, fields = parse_infotext("a photo\nstyle: anime, mood: calm")
     assert prompt == "a photo\nstyle: anime, mood: calm" and negative == "" and fields == {}

@@ -19,7 +19,6 @@ import argparse
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ log = logging.getLogger(__name__)
 
 COMMANDS = ("txt2img", "img2img", "inpaint", "outpaint")
 IMAGE_COMMANDS = ("img2img", "inpaint", "outpaint")
+SIZED_COMMANDS = ("txt2img", "img2img", "inpaint")  # outpaint's size follows from the image and the sides
 DEFAULT_OUTDIRS = {
     "txt2img": "outputs/txt2img-images",
     "img2img": "outputs/img2img-images",
@@ -169,13 +169,15 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         ("--width",),
         "width",
-        "width in pixels, a multiple of 8 (default: the model's native size)",
+        "width in pixels, a multiple of 8 (default: the model's native size, or the input image's)",
+        SIZED_COMMANDS,
         type=_side,
     ),
     Option(
         ("--height",),
         "height",
-        "height in pixels, a multiple of 8 (default: the model's native size)",
+        "height in pixels, a multiple of 8 (default: the model's native size, or the input image's)",
+        SIZED_COMMANDS,
         type=_side,
     ),
     Option(("--batch-size",), "batch_size", "images generated together (default 1)", type=_positive_int),
@@ -208,6 +210,7 @@ OPTIONS: tuple[Option, ...] = (
         ("--tiling",),
         "tiling",
         "seamless tiling: the image wraps around at its edges",
+        SIZED_COMMANDS,
         action=argparse.BooleanOptionalAction,
     ),
     Option(
@@ -254,15 +257,15 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         ("--strength",),
         "strength",
-        "denoising strength, 0 (keep) to 1 (repaint) (default 0.75)",
+        "denoising strength, 0 (keep) to 1 (repaint) (default 0.75; outpaint 0.8)",
         IMAGE_COMMANDS,
         type=_fraction,
     ),
     Option(
         ("--resize-mode",),
         "resize_mode",
-        f"fitting the image to --width/--height: {', '.join(RESIZE_MODES)}",
-        ("img2img",),
+        f"fitting the image to --width/--height: {', '.join(RESIZE_MODES)} (default just resize)",
+        ("img2img", "inpaint"),
         type=_choice(RESIZE_MODES),
     ),
     Option(
@@ -295,8 +298,8 @@ OPTIONS: tuple[Option, ...] = (
         type=_choice(INPAINTING_FILL),
     ),
     Option(
-        ("--inpainting-fill",),
-        "inpainting_fill",
+        ("--fill",),
+        "fill",
         f"content of the new area before repainting: {', '.join(OUTPAINT_FILL)} (default fill)",
         ("outpaint",),
         type=_choice(OUTPAINT_FILL),
@@ -481,6 +484,8 @@ def prevalidate(command: str, request: dict[str, Any], mask: Any = None) -> None
         return
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in request.items() if k in names}
+    if "fill" in request and "inpainting_fill" in names:  # outpaint's `fill` is its request's inpainting_fill
+        kwargs["inpainting_fill"] = request["fill"]
     if mask is not None and "mask" in names:
         from PIL import ImageOps
 
@@ -520,36 +525,6 @@ def _dtype_and_device(args: argparse.Namespace):
     return dtype, device
 
 
-class _Progress:
-    """A tqdm bar fed by the pipeline's per-step callback (one bar over all batches)."""
-
-    def __init__(self, enabled: bool, batches: int):
-        self.enabled = enabled
-        self.batches = batches
-        self.bar = None
-        self.done_before = 0
-        self.last = 0
-
-    def __call__(self, step: int, total: int, latents: Any = None) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total * self.batches, unit="step", file=sys.stderr, leave=False)
-        if step < self.last:  # a new batch (or the hires pass) started
-            self.done_before += self.last
-        self.last = step
-        self.bar.n = (
-            min(self.done_before + step, self.bar.total) if self.bar.total else self.done_before + step
-        )
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # -- running -----------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     command = args.generate_command
@@ -576,17 +551,14 @@ def run(args: argparse.Namespace) -> int:
     if args.from_infotext:
         _warn_if_other_model(args.from_infotext, sd)
     prompt = request.pop("prompt")
-    progress = _Progress(not args.no_progress, request.get("batch_count", 1))
     pipeline = getattr(sd, command)
-    try:
-        if command == "txt2img":
-            images = pipeline(prompt, callback=progress, **request)
-        elif command == "inpaint":
-            images = pipeline(prompt, inputs["image"], inputs["mask"], callback=progress, **request)
-        else:
-            images = pipeline(prompt, inputs["image"], callback=progress, **request)
-    finally:
-        progress.close()
+    progress = not args.no_progress  # the pipeline's tqdm bar, on stderr
+    if command == "txt2img":
+        images = pipeline(prompt, progress=progress, **request)
+    elif command == "inpaint":
+        images = pipeline(prompt, inputs["image"], inputs["mask"], progress=progress, **request)
+    else:
+        images = pipeline(prompt, inputs["image"], progress=progress, **request)
     for path in save_images(images, outdir):
         print(path)
     return 0

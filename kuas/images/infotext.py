@@ -238,6 +238,7 @@ _SIMPLE_FIELDS: dict[str, tuple[str, Any]] = {
     "Variation seed strength": ("subseed_strength", _as_float),
     "Tiling": ("tiling", _as_bool),
     "Eta": ("eta", _as_float),
+    "Guidance rescale": ("guidance_rescale", _as_float),
     "Mask blur": ("mask_blur", _as_int),
     "Masked area padding": ("inpaint_full_res_padding", _as_int),
     "Hires upscale": ("hr_scale", _as_float),
@@ -284,7 +285,7 @@ def infotext_to_request(parsed: ParsedInfotext | tuple[str, str, Mapping[str, st
     Size -> width/height, Clip skip -> clip_skip, Variation seed / strength -> subseed / subseed_strength,
     Tiling, Eta, Mask blur, Masked area padding -> inpaint_full_res_padding, Masked content ->
     inpainting_fill, Inpaint area ("Only masked") -> inpaint_full_res, Mask mode ("Inpaint not masked") ->
-    invert_mask; "Hires upscale / steps /
+    invert_mask, Guidance rescale, kuas' Outpaint ("left N right N top N bottom N"); "Hires upscale / steps /
     upscaler" turn on the hires fix (enable_hr, hr_scale, hr_second_pass_steps, hr_upscaler), and then
     "Denoising strength" is the second pass's (hr_denoising_strength), as in A1111's txt2img; otherwise it
     is img2img's strength. Fields kuas has no setting for are logged and skipped; a malformed number raises
@@ -298,6 +299,16 @@ def infotext_to_request(parsed: ParsedInfotext | tuple[str, str, Mapping[str, st
         if key in fields:
             request[name] = convert(fields, key)
     unknown_values = []
+    if "Outpaint" in fields:  # kuas' outpaint: "left 64 right 0 top 0 bottom 8"
+        words = fields["Outpaint"].split()
+        sides = dict(zip(words[0::2], words[1::2]))
+        if len(words) % 2 or not sides or not set(sides) <= {"left", "right", "top", "bottom"}:
+            raise InvalidInputError(
+                f"infotext field 'Outpaint' should read 'left N right N top N bottom N', got "
+                f"{fields['Outpaint']!r}"
+            )
+        for side, value in sides.items():
+            request[side] = _as_int({side: value}, side)
     for key, (name, values) in _NAMED_FIELDS.items():
         if key in fields:
             value = fields[key].strip().lower()
@@ -318,7 +329,7 @@ def infotext_to_request(parsed: ParsedInfotext | tuple[str, str, Mapping[str, st
         if k not in _SIMPLE_FIELDS
         and k not in _NAMED_FIELDS
         and k not in _DESCRIPTIVE_FIELDS
-        and k not in ("Size", "Denoising strength")
+        and k not in ("Size", "Denoising strength", "Outpaint")
         and not k.endswith(("-1", "-2"))
     ]
     if skipped or unknown_values:
