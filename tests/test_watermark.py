@@ -88,7 +88,7 @@ def test_kuas_decoder_matches_the_library_decoder_bit_for_bit(name):
         assert np.array_equal(decode_watermark_bits(candidate, 136), library_bits(candidate))
 
 
-@pytest.mark.parametrize("name", ["world0", "noise", "smooth", "grey"])
+@pytest.mark.parametrize("name", ["noise", "smooth", "grey"])  # synthetic: independent of the world renderer
 def test_library_mark_is_found_by_kuas(name):
     marked = library_encode(IMAGES[name])
     assert library_decode(marked) == WATERMARK_MESSAGE
