@@ -37,7 +37,7 @@ DEFAULT_OUTDIRS = {
     "inpaint": "outputs/img2img-images",  # A1111 saves inpainting from its img2img tab there too
     "outpaint": "outputs/img2img-images",
 }
-BUILTIN_MODEL = Path(__file__).resolve().parent.parent / "assets" / "builtin.safetensors"
+BUILTIN_MODEL = Path(__file__).parent.parent / "assets" / "builtin.safetensors"  # no I/O at import
 MAX_SIDE = 16384  # a sanity bound for the command line; the pipelines apply the real pixel budget
 SEED_LIMIT = 2**63  # as the pipelines (A1111 draws 32-bit seeds, other tools 64-bit ones)
 
