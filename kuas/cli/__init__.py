@@ -16,6 +16,9 @@ from kuas.errors import KuasError
 
 # Subcommand modules, in the order `kuas --help` lists them.
 COMMAND_MODULES = [
+    "kuas.cli.generate",  # txt2img, img2img, inpaint, outpaint
+    "kuas.cli.pnginfo",
+    "kuas.cli.watermark",
     "kuas.cli.info",
     "kuas.cli.samplers",
     "kuas.cli.train",
