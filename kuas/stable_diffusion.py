@@ -372,7 +372,7 @@ def load(
         read from a sidecar `.yaml`, the ModelSpec metadata, or guessed with a log message).
     """
     from kuas.checkpoints.loading import analyse, read_checkpoint
-    from kuas.checkpoints.state_dict import load_into
+    from kuas.checkpoints.state_dict import SkipMetaInit, load_into
 
     if prediction is not None and prediction not in ("eps", "v"):
         raise InvalidInputError(f"prediction must be 'eps' or 'v', not {prediction!r}")
@@ -381,13 +381,18 @@ def load(
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     a = analyse(read_checkpoint(path), prediction=prediction)
     weights = a.contents.weights
-    unet = UNetModel(a.unet, device="meta")
-    vae_model = AutoencoderKL(a.vae, scale_factor=a.latent_scale, device="meta")
-    encoders = {s.name: build_text_encoder(s, a.text_encoders[s.name], device="meta") for s in a.family.text_encoders}
-    load_into(unet, weights, prefix=UNET_PREFIX, path=path, dtype=dtype, device=device)
-    load_into(vae_model, weights, prefix=VAE_PREFIX, path=path, dtype=dtype, device=device)
+    with SkipMetaInit():  # empty shells: the weights come next
+        unet = UNetModel(a.unet, device="meta")
+        vae_model = AutoencoderKL(a.vae, scale_factor=a.latent_scale, device="meta")
+        encoders = {s.name: build_text_encoder(s, a.text_encoders[s.name], device="meta")
+                    for s in a.family.text_encoders}
+    # weights is ours alone (nobody wrote into it): tensors that change dtype/device are read from the
+    # file rather than through its map, so peak memory stays ~1x the loaded weights
+    fill = {"path": path, "dtype": dtype, "device": device, "read_from_file": True}
+    load_into(unet, weights, prefix=UNET_PREFIX, **fill)
+    load_into(vae_model, weights, prefix=VAE_PREFIX, **fill)
     for spec in a.family.text_encoders:
-        load_into(encoders[spec.name], weights, prefix=spec.prefix, path=path, dtype=dtype, device=device)
+        load_into(encoders[spec.name], weights, prefix=spec.prefix, **fill)
     log.debug("%s: family %s, prediction %s (%s)", path, a.family.name, a.prediction, a.prediction_source)
     sd = StableDiffusion(a.family, unet, vae_model, encoders, prediction=a.prediction,
                          text_layers=a.contents.text_layers, path=path if os.path.isfile(path) else None,
@@ -403,7 +408,7 @@ def load_vae(
 ) -> AutoencoderKL:
     """A VAE from its own file: a VAE-only single file (with or without `first_stage_model.`), a full
     checkpoint (its VAE is taken) or diffusers `vae/` weights."""
-    from kuas.checkpoints.state_dict import read_state_dict, load_into
+    from kuas.checkpoints.state_dict import SkipMetaInit, load_into, read_state_dict
     from kuas.models.vae import infer_vae_config
 
     weights = read_state_dict(path)
@@ -415,6 +420,7 @@ def load_vae(
         weights, cfg = converted.tensors, converted.config
     else:
         cfg = infer_vae_config(weights, prefix)
-    vae = AutoencoderKL(cfg, scale_factor=scale_factor, device="meta")
-    load_into(vae, weights, prefix=prefix, path=path, dtype=dtype, device=device)
+    with SkipMetaInit():
+        vae = AutoencoderKL(cfg, scale_factor=scale_factor, device="meta")
+    load_into(vae, weights, prefix=prefix, path=path, dtype=dtype, device=device, read_from_file=True)
     return vae.eval()

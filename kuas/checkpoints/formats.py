@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from kuas.errors import CheckpointError, UnsafeCheckpointError
 
-__all__ = ["ACCEPTED_FORMATS", "Format", "StateDict", "detect_format"]
+__all__ = ["ACCEPTED_FORMATS", "FileSpan", "Format", "StateDict", "detect_format"]
 
 Format = Literal["safetensors", "torch-zip", "diffusers-folder"]
 
@@ -171,12 +172,25 @@ def _dangerous_globals(path: Path) -> list[str]:
         return scan_globals(f.read(1 << 20))
 
 
+@dataclass(frozen=True)
+class FileSpan:
+    """Where a tensor's bytes lie in its `StateDict`'s file (byte `offset` from the file start) and the
+    tensor's version counter when it was read: another counter means it was changed in place since, so
+    the file no longer holds its values."""
+
+    offset: int
+    version: int
+
+
 class StateDict(Mapping[str, Tensor]):
     """A read-only mapping of tensor names to tensors, with where they came from.
 
     `metadata` holds the safetensors ``__metadata__`` (or the plain scalars next to a pickled state dict);
     `config` holds a diffusers component's ``config.json`` when the tensors came from a diffusers folder.
     Tensors read from files are usually zero-copy views of a private memory map of the file.
+    `file_spans` says, for tensors whose bytes lie unchanged in `path` (safetensors), where: a converting
+    load can then read them with plain file reads instead of through the map
+    (`kuas.checkpoints.safetensors_io.read_converted`).
     """
 
     def __init__(
@@ -187,12 +201,16 @@ class StateDict(Mapping[str, Tensor]):
         format: str = "memory",
         metadata: Mapping[str, str] | None = None,
         config: Mapping[str, Any] | None = None,
+        file_spans: Mapping[str, FileSpan] | None = None,
     ) -> None:
         self._tensors: dict[str, Tensor] = dict(tensors)
         self.path: str | None = None if path is None else os.fspath(path)
         self.format = format
         self.metadata: dict[str, str] = dict(metadata or {})
         self.config: dict[str, Any] | None = None if config is None else dict(config)
+        self.file_spans: dict[str, FileSpan] = {
+            k: v for k, v in (file_spans or {}).items() if k in self._tensors
+        }
 
     def __getitem__(self, key: str) -> Tensor:
         return self._tensors[key]

@@ -11,6 +11,8 @@ the tensors must tile the buffer from 0 with no gap or overlap and the buffer mu
 of the file. Only then is the file mapped (once, privately: writes to a tensor never reach the file) and
 each tensor handed out as a view of that map. A tensor whose start is not a multiple of its item size
 cannot be viewed in place (storage offsets count whole elements), so that one tensor alone is copied.
+The returned `StateDict` also records where each tensor lies in the file, so that a load that converts
+dtypes can read the bytes again with plain reads (`read_converted`) instead of keeping the mapped pages.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -29,7 +31,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
-from kuas.checkpoints.formats import StateDict
+from kuas.checkpoints.formats import FileSpan, StateDict
 from kuas.fileio import atomic_write
 from kuas.errors import CheckpointError, InvalidInputError
 
@@ -37,6 +39,7 @@ __all__ = [
     "MAX_HEADER_SIZE",
     "SAFETENSORS_DTYPES",
     "TensorEntry",
+    "read_converted",
     "read_safetensors",
     "read_safetensors_header",
     "save_safetensors",
@@ -310,6 +313,7 @@ def read_safetensors(path: str | os.PathLike) -> StateDict:
     data_start = 8 + n
 
     tensors: dict[str, Tensor] = {}
+    spans: dict[str, FileSpan] = {}
     copied = 0
     for name, e in entries.items():
         dtype = e.torch_dtype
@@ -320,10 +324,91 @@ def read_safetensors(path: str | os.PathLike) -> StateDict:
         if e.nbytes and view.data_ptr() % dtype.itemsize:  # misaligned for its dtype: copy this one
             view = _byte_view(view, 0, e.nbytes).clone().untyped_storage()
             copied += e.nbytes
-        tensors[name] = torch.empty(0, dtype=dtype).set_(view, 0, e.shape, _contiguous_strides(e.shape))
+        tensor = torch.empty(0, dtype=dtype).set_(view, 0, e.shape, _contiguous_strides(e.shape))
+        tensors[name] = tensor
+        spans[name] = FileSpan(offset, tensor._version)
     if copied:
         log.debug("%s: %d bytes of misaligned tensors were copied instead of mapped", path, copied)
-    return StateDict(tensors, path=path, format="safetensors", metadata=metadata)
+    return StateDict(tensors, path=path, format="safetensors", metadata=metadata, file_spans=spans)
+
+
+_STAGING_BYTES = 16 << 20  # small enough to stay in the CPU cache between the read and the conversion
+
+
+def read_converted(
+    state_dict: Mapping[str, Tensor],
+    keys: Iterable[str],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    chunk_bytes: int = _STAGING_BYTES,
+) -> dict[str, Tensor]:
+    """The tensors of `keys` with floating ones in `dtype` (default: unchanged), all on `device` (default
+    CPU), reading what must be converted from the file with plain reads instead of through its map.
+
+    Converting a memory-mapped tensor faults its pages into this process, and they stay resident (and
+    count in its RSS) as long as the map lives: converting a whole fp16 checkpoint to fp32 that way peaks
+    at 1.5x the fp32 weights. Here each tensor's bytes pass through one small staging buffer (read, then
+    converted into the new tensor), so the peak is the converted tensors plus `chunk_bytes`. Tensors
+    that need no change come back as they are (zero-copy); tensors without a file span in `state_dict`
+    (other formats, or changed in place since reading) are converted from memory.
+    """
+    if chunk_bytes < 8:
+        raise InvalidInputError(f"chunk_bytes must be at least 8 (one 64-bit element), got {chunk_bytes}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    spans = getattr(state_dict, "file_spans", None) or {}
+    path = getattr(state_dict, "path", None)
+    out: dict[str, Tensor] = {}
+    todo: list[tuple[str, Tensor, torch.dtype]] = []
+    for key in keys:
+        t = state_dict[key]
+        want = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        if want == t.dtype and t.device == device:
+            out[key] = t
+            continue
+        span = spans.get(key)
+        if path is None or span is None or t._version != span.version or not t.is_contiguous():
+            out[key] = t.to(device=device, dtype=want)
+        else:
+            todo.append((key, t, want))
+    if not todo:
+        return out
+    largest = max(t.numel() * t.element_size() for _, t, _ in todo)
+    staging = torch.empty(max(8, min(largest, chunk_bytes)), dtype=torch.uint8)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            for key, t, want in todo:
+                f.seek(spans[key].offset)
+                out[key] = _read_as(path, f, t, want, device, staging)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot be read: {e.strerror or e}") from None
+    return out
+
+
+def _read_as(
+    path: str | os.PathLike, f: BinaryIO, like: Tensor, dtype: torch.dtype, device: torch.device,
+    staging: Tensor,
+) -> Tensor:
+    """A new tensor shaped like `like`, filled from the bytes at `f`'s position (`like`'s dtype) and
+    converted to `dtype` on `device`, one staging buffer at a time."""
+    result = torch.empty(like.shape, dtype=dtype, device=device)
+    flat = result.view(-1)
+    itemsize = like.element_size()
+    per_chunk = staging.numel() // itemsize
+    view = memoryview(staging.numpy()).cast("B")
+    done = 0
+    while done < like.numel():
+        count = min(per_chunk, like.numel() - done)
+        nbytes = count * itemsize
+        got = 0
+        while got < nbytes:
+            n = f.readinto(view[got:nbytes])
+            if not n:
+                raise _invalid(path, "the file got shorter while being read")
+            got += n
+        flat[done : done + count].copy_(staging[:nbytes].view(like.dtype))
+        done += count
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------
