@@ -164,7 +164,7 @@ def run_img2img(
     images: list[Image.Image] = []
     texts: list[str] = []
     try:
-        with torch.inference_mode(), seamless_tiling(sd.unet, sd.vae, enabled=request.tiling):
+        with torch.no_grad(), seamless_tiling(sd.unet, sd.vae, enabled=request.tiling):
             init_latents = encode_images(sd, images_to_tensor(resized))
             for batch in batches(request, seeds, subseeds):
                 rng, x_noise = batch_noise(request, batch, shape, user_noise)
@@ -187,7 +187,7 @@ def run_img2img(
                     c_concat=c_concat,
                     progress=tracker,
                 )
-                images += tensor_to_images(decode_latents(sd, latents, tiled=request.vae_tiling))
+                images += tensor_to_images(decode_latents(sd, latents, tiled=request.decode_tiling))
                 for i in range(batch.size):
                     fields = infotext_fields(
                         sd,

@@ -344,7 +344,7 @@ def run_inpaint(
     images: list[Image.Image] = []
     texts: list[str] = []
     try:
-        with torch.inference_mode(), seamless_tiling(sd.unet, sd.vae, enabled=request.tiling):
+        with torch.no_grad(), seamless_tiling(sd.unet, sd.vae, enabled=request.tiling):
             pixels = images_to_tensor([prepared.work_image])
             init_latent = encode_images(sd, pixels)
             latent_mask = _latent_mask(prepared.work_mask, shape).to(init_latent)
@@ -377,7 +377,7 @@ def run_inpaint(
                     blend=blend,
                     progress=tracker,
                 )
-                for generated in tensor_to_images(decode_latents(sd, latents, tiled=request.vae_tiling)):
+                for generated in tensor_to_images(decode_latents(sd, latents, tiled=request.decode_tiling)):
                     images.append(composite(prepared.base, generated, prepared.overlay_mask, prepared.box))
                 for i in range(batch.size):
                     fields = infotext_fields(

@@ -148,7 +148,7 @@ def run_txt2img(
     images: list[Image.Image] = []
     texts: list[str] = []
     try:
-        with torch.inference_mode(), seamless_tiling(sd.unet, sd.vae, enabled=request.tiling):
+        with torch.no_grad(), seamless_tiling(sd.unet, sd.vae, enabled=request.tiling):
             for batch in batches(request, seeds, subseeds):
                 rng, x_noise = batch_noise(request, batch, shape, user_noise)
                 c_concat = _whole_image_concat(sd, shape, batch.size)
@@ -167,7 +167,7 @@ def run_txt2img(
                 )
                 if hr_sigmas is not None:
                     latents = _hires_pass(sd, request, batch, latents, spec, hr_sigmas, tracker)
-                images += tensor_to_images(decode_latents(sd, latents, tiled=request.vae_tiling))
+                images += tensor_to_images(decode_latents(sd, latents, tiled=request.decode_tiling))
                 for i in range(batch.size):
                     fields = infotext_fields(
                         sd,
@@ -221,7 +221,7 @@ def _hires_pass(
         latents = F.interpolate(latents.float(), size=shape[1:], mode=interp, antialias=antialias)
     else:
         resample = Image.Resampling.LANCZOS if request.hr_upscaler == "Lanczos" else Image.Resampling.NEAREST
-        small = tensor_to_images(decode_latents(sd, latents, tiled=request.vae_tiling))
+        small = tensor_to_images(decode_latents(sd, latents, tiled=request.decode_tiling))
         latents = encode_images(sd, images_to_tensor([im.resize((width, height), resample) for im in small]))
     rng = ImageNoise(batch.seeds, batch.subseeds, request.subseed_strength)
     return sample_batch(

@@ -233,6 +233,14 @@ class Request:
     def image_count(self) -> int:
         return self.batch_size * self.batch_count
 
+    @property
+    def decode_tiling(self) -> bool | None:
+        """VAE tiling for decoding: as asked, else automatic (None), except with seamless `tiling`, whose
+        wrap-around a tiled decode would break (then off unless asked for)."""
+        if self.vae_tiling is None and self.tiling:
+            return False
+        return self.vae_tiling
+
     def sampler_spec(self) -> tuple[SamplerSpec, str]:
         """(sampler spec, schedule key) of `sampler` and `scheduler`."""
         return resolve_sampler(self.sampler, self.scheduler)
