@@ -213,8 +213,6 @@ def inpainting_concat(
     mask: Tensor | None,
     latent_hw: tuple[int, int],
     batch: int,
-    *,
-    tiled: bool | None = None,
 ) -> Tensor:
     """The extra U-Net input of a 9-channel inpainting model: cat([mask, VAE(masked image)]) at latent size.
 

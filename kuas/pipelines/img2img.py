@@ -4,7 +4,8 @@
 
 strength s with n steps runs the last int(n * s) steps of the n-step schedule, starting from the picture's
 latents plus noise at that step's sigma (diffusers' count; A1111 runs one step more). strength 1 starts
-from pure noise; strength 0 runs nothing and returns the input resized to width x height, pixel for pixel
+from pure noise (diffusers' convention; A1111 still adds the picture's latents, about 1/sigma_max = 7% of
+the start); strength 0 runs nothing and returns the input resized to width x height, pixel for pixel
 (no VAE round trip).
 """
 

@@ -17,9 +17,9 @@ How (A1111's img2img-with-mask, step by step):
    inpaints too.
 5. The result is decoded, pasted back (for "only masked", scaled to the box), and composited over the
    original through the blurred mask (doubled for "whole picture", as A1111's overlay): where the blurred
-   mask is 0 the original pixels come back unchanged. The invisible watermark (on by default, for images of
-   at least 128x128 pixels) then changes some blue/green values slightly: pass watermark=False for outputs
-   whose kept pixels must equal the input's bit for bit.
+   mask is 0 the original pixels come back unchanged. The invisible watermark (on by default; pictures
+   smaller than about 96x96 are left unmarked) then changes some blue/green values slightly: pass
+   watermark=False for outputs whose kept pixels must equal the input's bit for bit.
 """
 
 from __future__ import annotations
