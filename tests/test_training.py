@@ -85,6 +85,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert resumed.emas["model"].num_updates == 6
     log = [json.loads(line) for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    times = [r["time"] for r in log]
+    assert times == sorted(times)  # training time adds up over sittings
 
 
 def test_grad_accumulation_equals_the_full_batch(tmp_path):

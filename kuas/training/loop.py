@@ -125,7 +125,9 @@ class Trainer:
         self.emas = {n: EMA(modules[n], cfg.ema_decay) for n in ema_names} if cfg.ema_decay else {}
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and self.device.type == "cuda" else None
         self.step = 0
+        self.elapsed = 0.0  # training seconds over all sittings (restored on resume)
         self._stop_requested = False
+        self._sitting_start: float | None = None
 
     # -- schedule -------------------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -142,6 +144,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "elapsed": self.total_elapsed(),
             "config": asdict(self.cfg),
             "modules": {n: m.state_dict() for n, m in self.modules.items()},
             "optimizer": self.optimizer.state_dict(),
@@ -163,6 +166,10 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), None))
         self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+
+    def total_elapsed(self) -> float:
+        return self.elapsed + (time.time() - self._sitting_start if self._sitting_start else 0.0)
 
     def save(self) -> Path | None:
         path = None
@@ -258,7 +265,8 @@ class Trainer:
             bar = tqdm(total=c.steps, initial=self.step, desc=self.run_dir.name, dynamic_ncols=True)
         log_path = self.run_dir / "log.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        t0, last_saved = time.time(), self.step
+        last_saved = self.step
+        self._sitting_start = time.time()
         try:
             while self.step < c.steps:
                 stats = self.train_step()
@@ -267,7 +275,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{stats['loss']:.4f}")
                 if self.dist.is_main and (self.step % c.log_every == 0 or self.step == c.steps):
                     with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": self.step, "time": round(time.time() - t0, 2), **stats}) + "\n")
+                        f.write(json.dumps({"step": self.step, "time": round(self.total_elapsed(), 2), **stats}) + "\n")
                 if c.save_every and self.step % c.save_every == 0:
                     self.save()
                     last_saved = self.step
@@ -281,6 +289,7 @@ class Trainer:
                 self.save()
             if bar:
                 bar.close()
+            self.elapsed, self._sitting_start = self.total_elapsed(), None
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
         return self.step
