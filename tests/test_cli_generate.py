@@ -18,11 +18,14 @@ from kuas.world import render, sample_scene
 CLI_MODULES = ["kuas.cli.generate", "kuas.cli.pnginfo", "kuas.cli.watermark"]
 
 
+def test_commands_are_registered():
+    assert set(CLI_MODULES) <= set(kuas.cli.COMMAND_MODULES)
+
+
 @pytest.fixture
 def cli(monkeypatch, capsys):
-    """Run `kuas ARGS...` through kuas.cli.main with this task's commands registered; returns
-    (exit status, stdout, stderr). argparse errors (status 2) are returned too."""
-    monkeypatch.setattr(kuas.cli, "COMMAND_MODULES", kuas.cli.COMMAND_MODULES + CLI_MODULES)
+    """Run `kuas ARGS...` through kuas.cli.main; returns (exit status, stdout, stderr). argparse errors
+    (status 2) are returned too."""
 
     def run(*argv: str) -> tuple[int, str, str]:
         try:
