@@ -229,3 +229,28 @@ def test_two_ranks_at_half_batch_equal_one_rank(tmp_path):
     ddp = torch.load(out)
     ref = _weights(single)
     assert all(torch.allclose(ref[k], ddp[k], atol=1e-6) for k in ref)
+
+
+def test_latent_cache_matches_encoding_and_rewords_captions(tmp_path):
+    from kuas.models.vae import AutoencoderKL, VAEConfig
+    from kuas.training.data import LatentCache, WorldSource
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_num_groups=4)).eval()
+    source = WorldSource(size=32, seed=3)
+    cache = LatentCache(tmp_path, source, n=10)
+    LatentCache.CHUNK = 4  # several chunks, built in two "ranks" and resumed
+    try:
+        cache.build(vae, torch.device("cpu"), rank=1, world_size=2)
+        assert len(list(tmp_path.glob("*.safetensors"))) == 1  # chunk 1 of 0..2
+        cache.build(vae, torch.device("cpu"))  # the remaining chunks only
+        cache.load()
+    finally:
+        LatentCache.CHUNK = 2048
+    with torch.no_grad():
+        direct = vae.encode(source.item(7).image[None]).mean[0]
+    latent, text = cache.item(7)
+    assert torch.allclose(latent, direct, atol=2e-3)  # stored in fp16
+    same_scene = [cache.item(7 + 10 * e) for e in range(12)]  # epochs revisit scene 7 ...
+    assert all(torch.equal(x[0], latent) for x in same_scene)
+    assert len({x[1] for x in same_scene}) > 1  # ... with different wording

@@ -134,3 +134,57 @@ def random_crop(images: Tensor, crop: int, seeds: list[int]) -> Tensor:
         y, x = (int(v) for v in g.integers(0, img.shape[-1] - crop + 1, size=2))
         out.append(img[:, y : y + crop, x : x + crop])
     return torch.stack(out)
+
+
+class LatentCache:
+    """VAE latents of the first `n` world scenes, encoded once and reused every epoch.
+
+    Encoding costs about as much as a U-Net training step, so a run of several epochs over a fixed pool
+    of scenes trains much faster than encoding every sample. Captions are not cached: sample i takes
+    scene i % n with a caption drawn for i, so every epoch reads each scene with fresh wording.
+    The cache is written in chunks (atomically, resumable; ranks share the work) under `folder`.
+    """
+
+    CHUNK = 2048
+
+    def __init__(self, folder: str | os.PathLike, source: WorldSource, n: int, seed: int = 0):
+        self.folder, self.source, self.n, self.seed = Path(folder), source, int(n), seed
+        self.latents: Tensor | None = None
+
+    def _chunk_path(self, k: int) -> Path:
+        return self.folder / f"latents-{k:05d}.safetensors"
+
+    @torch.no_grad()
+    def build(self, vae, device: torch.device, rank: int = 0, world_size: int = 1, progress: bool = False) -> None:
+        from kuas.checkpoints.safetensors_io import save_safetensors
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        chunks = [k for k in range(rank, -(-self.n // self.CHUNK), world_size) if not self._chunk_path(k).is_file()]
+        it = chunks
+        if progress and chunks:
+            from tqdm.auto import tqdm
+
+            it = tqdm(chunks, desc="encoding latents")
+        for k in it:
+            idx = range(k * self.CHUNK, min(self.n, (k + 1) * self.CHUNK))
+            out = []
+            for start in range(idx.start, idx.stop, 64):
+                images = torch.stack([self.source.item(i).image for i in range(start, min(idx.stop, start + 64))])
+                out.append(vae.encode(images.to(device)).mean.float().cpu())
+            save_safetensors(self._chunk_path(k), {"latents": torch.cat(out).half()}, {"first": str(idx.start)})
+
+    def load(self) -> None:
+        from kuas.checkpoints.safetensors_io import read_safetensors
+
+        parts = [read_safetensors(self._chunk_path(k))["latents"] for k in range(-(-self.n // self.CHUNK))]
+        self.latents = torch.cat(parts).float()
+
+    def item(self, index: int) -> tuple[Tensor, str]:
+        """Latent (unscaled) and a caption for global sample `index`."""
+        from kuas.world import canonical_caption, caption
+
+        j = index % self.n
+        scene, _ = self.source.dataset.sample(j)
+        rng = np.random.default_rng([self.seed, index, 7])
+        text = canonical_caption(scene) if rng.random() < self.source.dataset.canonical_prob else caption(scene, rng)
+        return self.latents[j], text

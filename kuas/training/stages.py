@@ -200,13 +200,28 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
     cfg = recipe.loop("unet")
     p_drop = float(opts.get("cfg_dropout", 0.1))
 
+    cache = None
+    if int(opts.get("latent_cache", 0)) and recipe.data.get("kind", "world") == "world":
+        from kuas.training.data import LatentCache
+
+        cache = LatentCache(stage_dir / "latents", source, int(opts["latent_cache"]), seed=recipe.seed)
+        cache.build(vae, device, dist.rank, dist.world_size, progress=progress and dist.is_main)
+        barrier(dist)
+        cache.load()
+
     def make_batch(indices):
-        items = [source.item(i) for i in indices]
-        images = torch.stack([it.image for it in items]).to(device)
-        with torch.no_grad():
-            latents = vae.encode(images).mean * scale
+        if cache is not None:
+            pairs = [cache.item(i) for i in indices]
+            latents = torch.stack([p[0] for p in pairs]).to(device) * scale
+            texts = [p[1] for p in pairs]
+        else:
+            items = [source.item(i) for i in indices]
+            images = torch.stack([it.image for it in items]).to(device)
+            with torch.no_grad():
+                latents = vae.encode(images).mean * scale
+            texts = [it.caption for it in items]
         seeds = [sample_seed(cfg.seed, i) for i in indices]
-        captions = ["" if drop else it.caption for it, drop in zip(items, dropout_mask(seeds, p_drop))]
+        captions = ["" if drop else t for t, drop in zip(texts, dropout_mask(seeds, p_drop))]
         return latents, sd.tokenizer(captions, pad_with=slot.spec.pad_with).to(device)
 
     def compute_loss(batch, seeds):
