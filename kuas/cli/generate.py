@@ -45,6 +45,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 INPAINTING_FILL = ("fill", "original", "latent noise", "latent nothing")  # A1111's 0..3
 OUTPAINT_FILL = ("fill", "edge", "latent noise", "latent nothing")
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")  # A1111's 0..2
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")  # as kuas.prompts.conditioning (not imported here)
 
 
 # -- value types (argparse calls them; an error there exits with status 2 before anything runs) ------------
@@ -130,6 +131,14 @@ def _choice(names: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def _emphasis(text: str) -> str:
+    """One of A1111's emphasis modes, matched without regard to case ("no norm" -> "No norm")."""
+    for name in EMPHASIS_MODES:
+        if text.strip().lower() == name.lower():
+            return name
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of: {', '.join(EMPHASIS_MODES)}")
+
+
 # -- the option table --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Option:
@@ -205,6 +214,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         ("--guidance-rescale",), "guidance_rescale", "CFG rescale phi, 0 to 1 (default 0)", type=_fraction
+    ),
+    Option(
+        ("--emphasis",),
+        "emphasis",
+        "A1111's emphasis mode for (word:1.2) weights: Original (default; weights, then the mean restored), "
+        "'No norm' (weights only), Ignore (brackets parsed, weights not applied), None (no emphasis syntax)",
+        type=_emphasis,
+        metavar="MODE",
     ),
     Option(
         ("--tiling",),

@@ -10,6 +10,27 @@ Seeds (A1111's rules, with its CPU random source):
   .manual_seed(seed_i))``, drawn on the CPU whatever the device, then moved; the same generator then
   feeds the ancestral / SDE noise of that image, so an image never depends on its place in a batch;
 * a variation seed mixes in a second noise by A1111's slerp (`slerp`).
+
+Prompts (`guided_denoiser`, used by every pass of every pipeline):
+
+* every prompt and negative prompt is read in A1111's prompt language (`kuas.prompts`): emphasis
+  ``(x:1.3)`` under the request's `emphasis` mode, any length in 75-token chunks, ``BREAK``, editing
+  ``[a:b:when]``, alternation ``[a|b]``, ``AND`` with weights, and textual-inversion names from the
+  pipeline's `embeddings` registry; a plain prompt gives exactly what plain 77-token encoding gave;
+* schedules are written for the request's `steps` and count from 0 on the first step a pass runs (img2img
+  and inpainting run the tail of the schedule, as A1111); the hires-fix pass uses A1111's hires schedules
+  (`hires_steps`: integer steps count on from the first pass, fractions above 1 cover the second pass);
+* extra-network tags (``<lora:name:0.8>``, ``<hypernet:...>``) are removed from the prompt before
+  encoding; kuas cannot apply them yet, so each one is logged as a warning and listed in the image's
+  ``info["kuas_notes"]`` (`PromptNotes`), with the parser's other fallbacks. The infotext keeps the prompt
+  exactly as given, tags and line breaks included (A1111 does the same). Negative prompts keep tags as
+  text, as in A1111;
+* an empty negative prompt: SD 1.x / 2.x encode "" (A1111, diffusers); SDXL (base and refiner) uses zeros
+  for its text context and pooled vector, as A1111 does (and diffusers' SDXL base), while its size
+  embedding in ``y`` still describes the image;
+* SDXL's ``y``: original and target size = the pass's size, crop (0, 0) (`size_conditioning`); the
+  refiner's aesthetic score is 6 for the prompt and 2.5 for the negative prompt;
+* an inpainting model's ``c_concat`` goes to every guidance row (each AND part and the negative prompt).
 """
 
 from __future__ import annotations
@@ -30,8 +51,10 @@ from torch import Tensor, nn
 
 from kuas.errors import InvalidInputError, KuasError
 from kuas.pipelines.types import Request
+from kuas.prompts.conditioning import PromptBatch
+from kuas.prompts.guidance import REFINER_NEGATIVE_AESTHETIC_SCORE, PromptGuidedDenoiser, prompt_denoiser
+from kuas.prompts.parser import EmbeddingRegistry, ExtraNetworkRequest, extract_extra_networks
 from kuas.sampling.denoisers import EpsDenoiser, LCMDenoiser, VDenoiser
-from kuas.sampling.guidance import CFGDenoiser
 from kuas.sampling.registry import SCHEDULES, SamplerSpec, sample, sigmas_for
 from kuas.sampling.samplers import BrownianNoiseSampler, SamplingInterrupted, StepInfo
 from kuas.sampling.schedules import DiscreteSchedule
@@ -46,14 +69,18 @@ __all__ = [
     "ImageNoise",
     "LatentBlend",
     "Progress",
+    "PromptNotes",
     "StepCallback",
     "UNetFunction",
     "build_denoiser",
+    "check_embeddings",
     "check_request_for_model",
     "decode_latents",
     "default_size",
     "encode_images",
+    "extra_network_note",
     "finish_images",
+    "guided_denoiser",
     "image_seeds",
     "images_to_tensor",
     "img2img_sigmas",
@@ -64,6 +91,7 @@ __all__ = [
     "run_sampler",
     "sampling_sigmas",
     "seamless_tiling",
+    "size_conditioning",
     "slerp",
     "tensor_to_images",
     "text_conditioning",
@@ -161,9 +189,12 @@ def default_size(sd: StableDiffusion) -> tuple[int, int]:
     return sd.family.resolution, sd.family.resolution
 
 
-def check_request_for_model(sd: StableDiffusion, request: Request) -> None:
+def check_request_for_model(
+    sd: StableDiffusion, request: Request, embeddings: EmbeddingRegistry | None = None
+) -> None:
     """Checks that need the model: sizes fit its VAE factor, the text encoders have `clip_skip` layers,
-    the family is one the pipelines can drive."""
+    the family is one the pipelines can drive, `embeddings` is a registry."""
+    check_embeddings(embeddings)
     if sd.family.is_depth:
         raise InvalidInputError(
             f"{sd.family.name} models are conditioned on a depth map, which kuas' pipelines "
@@ -181,6 +212,71 @@ def check_request_for_model(sd: StableDiffusion, request: Request) -> None:
 
 
 # -- conditioning -------------------------------------------------------------------------------------------
+# Every pipeline pass conditions the U-Net through `guided_denoiser`, the one place that turns a request's
+# prompts into conditioning. See the module docstring's "Prompts" section for the rules it follows.
+def check_embeddings(embeddings: EmbeddingRegistry | None) -> None:
+    """`embeddings` must be a `kuas.prompts.EmbeddingRegistry` or None (checked before any work starts)."""
+    if embeddings is not None and not isinstance(embeddings, EmbeddingRegistry):
+        raise InvalidInputError(
+            f"embeddings must be a kuas.prompts.EmbeddingRegistry (or None), got {type(embeddings).__name__}; "
+            f"register textual-inversion vectors with EmbeddingRegistry().add(name, vectors)"
+        )
+
+
+def size_conditioning(sd: StableDiffusion, width: int, height: int) -> dict[str, Any] | None:
+    """SDXL's size conditioning of a pass at width x height: original and target size (height, width), crop
+    (0, 0), as A1111 sets them (its default crop options); None for families without it. The refiner's
+    aesthetic score is left to `prompt_denoiser` (6 for the prompt, 2.5 for the negative prompt, A1111's
+    defaults)."""
+    if not sd.family.vector_conditioning:
+        return None
+    size = (height, width)
+    return {"original_size": size, "target_size": size, "crop_top_left": (0, 0)}
+
+
+def guided_denoiser(
+    sd: StableDiffusion,
+    request: Request,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str],
+    *,
+    sigmas: Tensor,
+    width: int,
+    height: int,
+    embeddings: EmbeddingRegistry | None = None,
+    hires_steps: int | None = None,
+    c_concat: Tensor | None = None,
+) -> PromptGuidedDenoiser:
+    """The eps/v model denoiser (by `sd.prediction`) under classifier-free guidance over A1111 prompts.
+
+    `sigmas` are those the sampler runs (the shortened tail for img2img and the hires pass: the prompt
+    schedules count from 0 on their first step). Schedules are written for `request.steps`; `hires_steps`
+    gives the hires-fix pass's schedules (A1111's rule, see `kuas.prompts.prompt_schedule`). `c_concat`
+    (B, 5, h, w), an inpainting model's extra input, goes to both guidance sides. With cfg_scale 1 the
+    negative prompts are not encoded.
+    """
+    base_cls = VDenoiser if sd.prediction == "v" else EpsDenoiser
+    inner = base_cls(UNetFunction(sd.unet), DiscreteSchedule.sd())
+    extras = None if c_concat is None else {"c_concat": c_concat}
+    return prompt_denoiser(
+        sd,
+        inner,
+        list(prompts),
+        list(negative_prompts),
+        steps=request.steps,
+        cfg_scale=request.cfg_scale,
+        sigmas=sigmas,
+        clip_skip=request.clip_skip,
+        guidance_rescale=request.guidance_rescale,
+        emphasis=request.emphasis,
+        embeddings=embeddings,
+        hires_steps=hires_steps,
+        cond_kwargs=extras,
+        uncond_kwargs=extras,
+        size_conditioning=size_conditioning(sd, width, height),
+    )
+
+
 def text_conditioning(
     sd: StableDiffusion,
     prompts: list[str],
@@ -189,22 +285,81 @@ def text_conditioning(
     clip_skip: int,
     width: int,
     height: int,
+    emphasis: str = "Original",
+    embeddings: EmbeddingRegistry | None = None,
+    steps: int = 1,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-    """(cond, uncond) keyword dicts for the denoiser: ``context`` and, for SDXL, ``y`` (pooled text and the
-    pixel size). uncond is None when `negative_prompts` is None (guidance scale 1 needs none)."""
+    """(cond, uncond) keyword dicts of what the U-Net gets at the first sampling step, for inspection:
+    ``context`` and, for SDXL, ``y`` (pooled text and the pixel size), built as `guided_denoiser` builds
+    them. cond has one row per prompt (the first AND part of each); uncond is None when `negative_prompts`
+    is None."""
+    batch = PromptBatch.build(
+        sd, prompts, negative_prompts, steps, clip_skip=clip_skip, emphasis=emphasis, embeddings=embeddings
+    )
+    step = batch.at_step(0)
+    first_rows = [parts[0][0] for parts in step.cond_parts]
+    sizes = size_conditioning(sd, width, height)
 
-    def encode(texts: list[str], aesthetic: float) -> dict[str, Tensor]:
-        c = sd.encode_prompt(texts, clip_skip=clip_skip)
-        out = {"context": c.context}
-        if sd.family.vector_conditioning:
-            size = (height, width)
-            kwargs = {"aesthetic_score": aesthetic} if sd.family.refiner else {}
-            out["y"] = sd.vector_conditioning(c.pooled, original_size=size, target_size=size, **kwargs)
+    def side(context: Tensor, pooled: Tensor | None, negative: bool) -> dict[str, Tensor]:
+        out = {"context": context}
+        if sizes is not None and pooled is not None:
+            kwargs = dict(sizes)
+            if sd.family.refiner and negative:
+                kwargs["aesthetic_score"] = REFINER_NEGATIVE_AESTHETIC_SCORE
+            out["y"] = sd.vector_conditioning(pooled, **kwargs)
         return out
 
-    cond = encode(prompts, 6.0)
-    uncond = None if negative_prompts is None else encode(negative_prompts, 2.5)  # sgm's refiner scores
+    cond_pooled = None if step.cond_pooled is None else step.cond_pooled[first_rows]
+    cond = side(step.cond_context[first_rows], cond_pooled, False)
+    uncond = None
+    if step.uncond_context is not None:
+        uncond = side(step.uncond_context, step.uncond_pooled, True)
     return cond, uncond
+
+
+def extra_network_note(network: ExtraNetworkRequest) -> str:
+    """What kuas tells the user about an extra-network tag it cannot apply (it has no LoRA / hypernetwork
+    loader yet): the tag as written and that it was left out."""
+    tag = f"<{network.kind}:{':'.join(network.items)}>"
+    kind = {"lora": "LoRA", "lyco": "LyCORIS", "hypernet": "hypernetwork"}.get(network.kind, network.kind)
+    return (
+        f"extra network {tag} not applied: kuas cannot load {kind} networks yet; the tag was removed from "
+        f"the prompt before encoding and the image was made without it"
+    )
+
+
+class PromptNotes:
+    """Per-image notes about what the prompt language could not honour: extra networks kuas cannot apply,
+    parser fallbacks on malformed prompts, embeddings that do not fit the model. Each distinct note is
+    logged once per request as a warning; `finish_images` stores each image's notes in
+    ``image.info["kuas_notes"]``."""
+
+    def __init__(self, count: int):
+        self.images: list[dict[str, None]] = [{} for _ in range(count)]
+        self._logged: set[str] = set()
+
+    def add(self, index: int, notes: Sequence[str]) -> None:
+        for note in notes:
+            self.images[index][note] = None
+            if note not in self._logged:
+                self._logged.add(note)
+                log.warning("prompt: %s", note)
+
+    def add_batch(self, start: int, batch: PromptBatch) -> None:
+        """The notes of a sampled batch whose first image is image `start` of the request. Notes tied to
+        one prompt go to its image; the others (negative prompts, embeddings) to every image of the batch."""
+        own = [list(parsed.notes) for parsed in batch.parsed]
+        shared = [note for note in batch.notes if not any(note in notes for notes in own)]
+        for i, parsed in enumerate(batch.parsed):
+            self.add(start + i, [extra_network_note(n) for n in batch.extra_networks[i]] + own[i] + shared)
+
+    def add_unsampled(self, index: int, prompt: str) -> None:
+        """An image made without sampling (img2img strength 0): its prompt's extra-network tags only."""
+        _, networks = extract_extra_networks(prompt)
+        self.add(index, [extra_network_note(n) for n in networks])
+
+    def for_image(self, index: int) -> tuple[str, ...]:
+        return tuple(self.images[index])
 
 
 def inpainting_concat(
@@ -271,29 +426,14 @@ class LatentBlend:
 
 
 def build_denoiser(
-    sd: StableDiffusion,
     spec: SamplerSpec,
-    cond: Mapping[str, Tensor],
-    uncond: Mapping[str, Tensor] | None,
+    guided: PromptGuidedDenoiser,
     *,
-    cfg_scale: float,
-    guidance_rescale: float = 0.0,
-    c_concat: Tensor | None = None,
     blend: tuple[Tensor, Tensor] | None = None,
 ) -> Callable[..., Tensor]:
-    """eps/v denoiser (by `sd.prediction`) -> classifier-free guidance (cond and uncond in one batch) ->
-    LCM boundary condition when the sampler wants it -> latent blend for inpainting (`blend` = (init latent,
-    mask)). `c_concat` goes to both guidance sides."""
-    schedule = DiscreteSchedule.sd()
-    base_cls = VDenoiser if sd.prediction == "v" else EpsDenoiser
-    denoiser: Any = base_cls(UNetFunction(sd.unet), schedule)
-    cond = dict(cond)
-    uncond = None if uncond is None else dict(uncond)
-    if c_concat is not None:
-        cond["c_concat"] = c_concat
-        if uncond is not None:
-            uncond["c_concat"] = c_concat
-    denoiser = CFGDenoiser(denoiser, cond, uncond, cfg_scale, guidance_rescale)
+    """What the sampler calls: the prompt-guided denoiser (`guided_denoiser`) -> LCM boundary condition when
+    the sampler wants it -> latent blend for inpainting (`blend` = (init latent, mask))."""
+    denoiser: Any = guided
     if spec.lcm:
         denoiser = LCMDenoiser(denoiser)
     if blend is not None:
@@ -604,6 +744,7 @@ def infotext_fields(
         "Tiling": True if request.tiling else None,
         "Eta": float(request.eta) if request.eta is not None and _accepts(spec.function, "eta") else None,
         "Guidance rescale": float(request.guidance_rescale) if request.guidance_rescale > 0 else None,
+        "Emphasis": request.emphasis if request.emphasis != "Original" else None,  # as A1111 writes it
     }
     fields.update(extra or {})
     from kuas import __version__
@@ -613,17 +754,24 @@ def infotext_fields(
 
 
 def finish_images(
-    images: Sequence[Image.Image], infotexts: Sequence[str], *, watermark: bool
+    images: Sequence[Image.Image],
+    infotexts: Sequence[str],
+    *,
+    watermark: bool,
+    notes: PromptNotes | None = None,
 ) -> list[Image.Image]:
     """Apply the invisible watermark (unless `watermark` is False) and attach each image's infotext as
-    ``image.info["parameters"]`` (what PNG savers write to A1111's ``parameters`` chunk)."""
+    ``image.info["parameters"]`` (what PNG savers write to A1111's ``parameters`` chunk) and its prompt
+    notes as ``image.info["kuas_notes"]``, a tuple of sentences (empty when the prompts were used in full;
+    not written to files)."""
     from kuas.images.watermark import apply_watermark
 
     out = []
-    for image, text in zip(images, infotexts, strict=True):
+    for i, (image, text) in enumerate(zip(images, infotexts, strict=True)):
         if watermark:
             image = apply_watermark(image)
         image.info["parameters"] = text
+        image.info["kuas_notes"] = () if notes is None else notes.for_image(i)
         out.append(image)
     return out
 
@@ -700,33 +848,39 @@ def sample_batch(
     c_concat: Tensor | None = None,
     blend: tuple[Tensor, Tensor] | None = None,
     progress: Progress | None = None,
+    embeddings: EmbeddingRegistry | None = None,
+    hires_steps: int | None = None,
+    notes: PromptNotes | None = None,
 ) -> Tensor:
-    """Encode the batch's prompts, build the denoiser and sample one batch.
+    """Condition on the batch's prompts (`guided_denoiser`), build the denoiser and sample one batch.
 
     Without `init_latent` (txt2img, or strength 1) sampling starts from pure noise ``noise * sigmas[0]``;
     with it from ``init_latent + noise * sigmas[0]``. `blend` = (original latents, mask at latent size,
     1 = repaint) keeps the original outside the mask during sampling (`LatentBlend`) and in the result.
+    `hires_steps`: this is a hires-fix pass of that many steps. `notes` collects what the prompts could
+    not do (per image).
     """
     device = sd.device
-    uncond_prompts = batch.negative_prompts if request.cfg_scale != 1.0 else None
-    cond, uncond = text_conditioning(
-        sd, batch.prompts, uncond_prompts, clip_skip=request.clip_skip, width=width, height=height
+    guided = guided_denoiser(
+        sd,
+        request,
+        batch.prompts,
+        batch.negative_prompts,
+        sigmas=sigmas,
+        width=width,
+        height=height,
+        embeddings=embeddings,
+        hires_steps=hires_steps,
+        c_concat=c_concat,
     )
+    if notes is not None:
+        notes.add_batch(batch.start, guided.batch)
     x = noise.to(device) * sigmas[0]
     if init_latent is not None:
         x = x + init_latent.to(device)
     if blend is not None:
         blend = (blend[0].to(device), blend[1].to(device))
-    denoiser = build_denoiser(
-        sd,
-        spec,
-        cond,
-        uncond,
-        cfg_scale=request.cfg_scale,
-        guidance_rescale=request.guidance_rescale,
-        c_concat=c_concat,
-        blend=blend,
-    )
+    denoiser = build_denoiser(spec, guided, blend=blend)
     latents = run_sampler(denoiser, x, sigmas, spec, rng, eta=request.eta, progress=progress)
     if blend is not None:
         original, mask = blend

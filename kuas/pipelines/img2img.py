@@ -23,6 +23,7 @@ from kuas.images.infotext import format_infotext
 from kuas.images.io import load_image
 from kuas.pipelines.common import (
     Progress,
+    PromptNotes,
     StepCallback,
     batch_noise,
     batches,
@@ -44,6 +45,7 @@ from kuas.pipelines.common import (
     tensor_to_images,
 )
 from kuas.pipelines.types import Img2ImgRequest
+from kuas.prompts.parser import EmbeddingRegistry
 
 if TYPE_CHECKING:  # pragma: no cover
     from kuas.stable_diffusion import StableDiffusion
@@ -101,6 +103,8 @@ def img2img(
     eta: float | None = None,
     tiling: bool = False,
     vae_tiling: bool | None = None,
+    emphasis: str = "Original",
+    embeddings: EmbeddingRegistry | None = None,
     noise: Tensor | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -108,7 +112,9 @@ def img2img(
 ) -> list[Image.Image]:
     """Repaint `image` (path, bytes, PIL image, or a list of batch_size of them) at width x height (default:
     the image's size rounded down to a multiple of 8), resized by `resize_mode` ("just resize", "crop and
-    resize", "resize and fill" or 0 / 1 / 2). Other arguments as `txt2img`."""
+    resize", "resize and fill" or 0 / 1 / 2). Other arguments (prompt language, `emphasis`, `embeddings`)
+    as `txt2img`; prompt schedules ([a:b:when]) are written for `steps` and, as in A1111, count from 0 on
+    the first step that runs."""
     init_images = load_init_images(image, batch_size)
     default_w, default_h = image_size_default(init_images[0], sd.vae_scale)
     request = Img2ImgRequest(
@@ -133,8 +139,11 @@ def img2img(
         watermark=watermark,
         strength=strength,
         resize_mode=resize_mode,
+        emphasis=emphasis,
     )
-    return run_img2img(sd, request, init_images, noise=noise, callback=callback, progress=progress)
+    return run_img2img(
+        sd, request, init_images, noise=noise, callback=callback, progress=progress, embeddings=embeddings
+    )
 
 
 def run_img2img(
@@ -145,9 +154,10 @@ def run_img2img(
     noise: Tensor | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
+    embeddings: EmbeddingRegistry | None = None,
 ) -> list[Image.Image]:
     """img2img for a validated request and loaded RGB init images (one, or one per batch item)."""
-    check_request_for_model(sd, request)
+    check_request_for_model(sd, request, embeddings)
     spec, schedule_key = request.sampler_spec()
     shape = latent_shape(sd, request.width, request.height)
     user_noise = check_noise(noise, request.image_count, shape)
@@ -162,6 +172,7 @@ def run_img2img(
     full = sampling_sigmas(sd, spec, schedule_key, request.steps)
     sigmas = img2img_sigmas(full, request.steps, request.strength)
     tracker = Progress((len(sigmas) - 1) * request.batch_count, callback, progress)
+    notes = PromptNotes(request.image_count)
     images: list[Image.Image] = []
     texts: list[str] = []
     try:
@@ -187,6 +198,8 @@ def run_img2img(
                     init_latent=start,
                     c_concat=c_concat,
                     progress=tracker,
+                    embeddings=embeddings,
+                    notes=notes,
                 )
                 images += tensor_to_images(decode_latents(sd, latents, tiled=request.decode_tiling))
                 for i in range(batch.size):
@@ -202,17 +215,20 @@ def run_img2img(
                     texts.append(format_infotext(batch.prompts[i], batch.negative_prompts[i], fields))
     finally:
         tracker.close()
-    return finish_images(images, texts, watermark=request.watermark)
+    return finish_images(images, texts, watermark=request.watermark, notes=notes)
 
 
 def _unchanged(sd, request, resized, seeds, subseeds, spec, schedule_key, extra) -> list[Image.Image]:
-    """strength 0: every image is its (resized) input, unchanged."""
+    """strength 0: every image is its (resized) input, unchanged (its prompt's extra-network tags are still
+    reported as not applied)."""
     images, texts = [], []
     prompts, negatives = request.prompts_for("prompt"), request.prompts_for("negative_prompt")
+    notes = PromptNotes(request.image_count)
     for i in range(request.image_count):
+        notes.add_unsampled(i, prompts[i])
         images.append(resized[i % request.batch_size % len(resized)].copy())
         fields = infotext_fields(
             sd, request, seed=seeds[i], subseed=subseeds[i], spec=spec, schedule_key=schedule_key, extra=extra
         )
         texts.append(format_infotext(prompts[i], negatives[i], fields))
-    return finish_images(images, texts, watermark=request.watermark)
+    return finish_images(images, texts, watermark=request.watermark, notes=notes)

@@ -37,6 +37,7 @@ from kuas.images.infotext import format_infotext
 from kuas.images.io import load_image, load_mask
 from kuas.pipelines.common import (
     Progress,
+    PromptNotes,
     StepCallback,
     batch_noise,
     batches,
@@ -60,6 +61,7 @@ from kuas.pipelines.common import (
 )
 from kuas.pipelines.img2img import image_size_default
 from kuas.pipelines.types import InpaintRequest
+from kuas.prompts.parser import EmbeddingRegistry
 
 if TYPE_CHECKING:  # pragma: no cover
     from kuas.stable_diffusion import StableDiffusion
@@ -247,6 +249,8 @@ def inpaint(
     eta: float | None = None,
     tiling: bool = False,
     vae_tiling: bool | None = None,
+    emphasis: str = "Original",
+    embeddings: EmbeddingRegistry | None = None,
     noise: Tensor | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -257,7 +261,8 @@ def inpaint(
 
     width / height: the working size; default the image's size rounded down to a multiple of 8, or for
     "only masked" the model's native size. The output has the working size, except for "only masked",
-    where it has the input's size. Other arguments as `img2img` and the module docstring.
+    where it has the input's size. Other arguments (prompt language, `emphasis`, `embeddings`) as `img2img`
+    and the module docstring.
     """
     init = load_image(image, what="init image")
     mask_image = load_mask(mask, size=init.size, what="mask")
@@ -297,8 +302,18 @@ def inpaint(
         inpaint_full_res=inpaint_full_res,
         inpaint_full_res_padding=inpaint_full_res_padding,
         latent_blend=latent_blend,
+        emphasis=emphasis,
     )
-    return run_inpaint(sd, request, init, mask_image, noise=noise, callback=callback, progress=progress)
+    return run_inpaint(
+        sd,
+        request,
+        init,
+        mask_image,
+        noise=noise,
+        callback=callback,
+        progress=progress,
+        embeddings=embeddings,
+    )
 
 
 def run_inpaint(
@@ -313,13 +328,14 @@ def run_inpaint(
     noise: Tensor | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
+    embeddings: EmbeddingRegistry | None = None,
 ) -> list[Image.Image]:
     """Inpainting for a validated request, an RGB picture and its L mask (same size, white = repaint).
 
     overlay_mask: replaces the blurred mask in the final composite (outpainting keeps its original region
     exactly this way). fill: the masked-content mode, when the request's names another kind of fill.
     """
-    check_request_for_model(sd, request)
+    check_request_for_model(sd, request, embeddings)
     if image.size != mask.size:
         raise InvalidInputError(f"picture {image.size} and mask {mask.size} must have the same size")
     fill = fill or request.inpainting_fill
@@ -341,6 +357,7 @@ def run_inpaint(
         **(extra_fields or {}),
     }
     tracker = Progress((len(sigmas) - 1) * request.batch_count, callback, progress)
+    notes = PromptNotes(request.image_count)
     images: list[Image.Image] = []
     texts: list[str] = []
     try:
@@ -376,6 +393,8 @@ def run_inpaint(
                     c_concat=cc,
                     blend=blend,
                     progress=tracker,
+                    embeddings=embeddings,
+                    notes=notes,
                 )
                 for generated in tensor_to_images(decode_latents(sd, latents, tiled=request.decode_tiling)):
                     images.append(composite(prepared.base, generated, prepared.overlay_mask, prepared.box))
@@ -392,4 +411,4 @@ def run_inpaint(
                     texts.append(format_infotext(batch.prompts[i], batch.negative_prompts[i], fields))
     finally:
         tracker.close()
-    return finish_images(images, texts, watermark=request.watermark)
+    return finish_images(images, texts, watermark=request.watermark, notes=notes)

@@ -27,6 +27,7 @@ from kuas.images.io import load_image
 from kuas.pipelines.common import StepCallback
 from kuas.pipelines.inpaint import run_inpaint
 from kuas.pipelines.types import OutpaintRequest, check_size
+from kuas.prompts.parser import EmbeddingRegistry
 
 if TYPE_CHECKING:  # pragma: no cover
     from kuas.stable_diffusion import StableDiffusion
@@ -111,13 +112,16 @@ def outpaint(
     guidance_rescale: float = 0.0,
     eta: float | None = None,
     vae_tiling: bool | None = None,
+    emphasis: str = "Original",
+    embeddings: EmbeddingRegistry | None = None,
     noise: Tensor | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
     watermark: bool = True,
 ) -> list[Image.Image]:
     """Extend `image` (path, bytes or PIL image) by left / right / top / bottom pixels; the output is the
-    whole canvas (a multiple of 8 on each side). Other arguments as `inpaint` and the module docstring."""
+    whole canvas (a multiple of 8 on each side). Other arguments (prompt language, `emphasis`, `embeddings`)
+    as `inpaint` and the module docstring."""
     init = load_image(image, what="image to outpaint")
     sides = {"left": left, "right": right, "top": top, "bottom": bottom}
     for name, value in sides.items():
@@ -156,6 +160,7 @@ def outpaint(
         bottom=bottom,
         overlap=overlap,
         inpainting_fill=fill,
+        emphasis=emphasis,
     )
     grown = {"left": left, "right": right, "top": top, "bottom": bottom}
     request = dataclasses.replace(request, mask=_repaint_mask(new_area, box, grown, request.overlap))
@@ -172,4 +177,5 @@ def outpaint(
         noise=noise,
         callback=callback,
         progress=progress,
+        embeddings=embeddings,
     )

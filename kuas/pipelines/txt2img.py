@@ -18,6 +18,7 @@ from kuas.pipelines.common import (
     Batch,
     ImageNoise,
     Progress,
+    PromptNotes,
     StepCallback,
     batch_noise,
     batches,
@@ -39,6 +40,7 @@ from kuas.pipelines.common import (
     tensor_to_images,
 )
 from kuas.pipelines.types import HR_UPSCALERS, Txt2ImgRequest
+from kuas.prompts.parser import EmbeddingRegistry
 from kuas.sampling.registry import SamplerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,6 +75,8 @@ def txt2img(
     hr_second_pass_steps: int = 0,
     hr_denoising_strength: float = 0.7,
     hr_upscaler: str = "Latent",
+    emphasis: str = "Original",
+    embeddings: EmbeddingRegistry | None = None,
     noise: Tensor | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -87,6 +91,12 @@ def txt2img(
     hr_second_pass_steps or steps. `noise`: initial noise (images, C, height / 8, width / 8) instead of the
     seeded draw (like diffusers' `latents=`). `callback(step, total, x0)` returning False (or raising
     `SamplingInterrupted`) stops sampling; `SamplingInterrupted` then reaches the caller.
+
+    Prompts and negative prompts are read in A1111's prompt language (weights, any length, BREAK,
+    [a:b:when], [a|b], AND, `<lora:...>` tags); `emphasis` is A1111's setting ("Original", "No norm",
+    "Ignore", "None"), `embeddings` a `kuas.prompts.EmbeddingRegistry` whose names the prompts may use.
+    What could not be honoured (extra networks kuas cannot load yet, malformed syntax) is logged and listed
+    in each image's ``.info["kuas_notes"]`` (see `kuas.pipelines.common`).
     """
     native_w, native_h = default_size(sd)
     request = Txt2ImgRequest(
@@ -114,8 +124,9 @@ def txt2img(
         hr_second_pass_steps=hr_second_pass_steps,
         hr_denoising_strength=hr_denoising_strength,
         hr_upscaler=hr_upscaler,
+        emphasis=emphasis,
     )
-    return run_txt2img(sd, request, noise=noise, callback=callback, progress=progress)
+    return run_txt2img(sd, request, noise=noise, callback=callback, progress=progress, embeddings=embeddings)
 
 
 def run_txt2img(
@@ -125,9 +136,10 @@ def run_txt2img(
     noise: Tensor | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
+    embeddings: EmbeddingRegistry | None = None,
 ) -> list[Image.Image]:
     """txt2img for a validated request."""
-    check_request_for_model(sd, request)
+    check_request_for_model(sd, request, embeddings)
     spec, schedule_key = request.sampler_spec()
     shape = latent_shape(sd, request.width, request.height)
     user_noise = check_noise(noise, request.image_count, shape)
@@ -145,6 +157,7 @@ def run_txt2img(
     steps_per_batch = len(sigmas) - 1 + (0 if hr_sigmas is None else len(hr_sigmas) - 1)
     tracker = Progress(steps_per_batch * request.batch_count, callback, progress)
     extra = _hires_fields(request)
+    notes = PromptNotes(request.image_count)
     images: list[Image.Image] = []
     texts: list[str] = []
     try:
@@ -164,9 +177,13 @@ def run_txt2img(
                     height=request.height,
                     c_concat=c_concat,
                     progress=tracker,
+                    embeddings=embeddings,
+                    notes=notes,
                 )
                 if hr_sigmas is not None:
-                    latents = _hires_pass(sd, request, batch, latents, spec, hr_sigmas, tracker)
+                    latents = _hires_pass(
+                        sd, request, batch, latents, spec, hr_sigmas, tracker, embeddings, notes
+                    )
                 images += tensor_to_images(decode_latents(sd, latents, tiled=request.decode_tiling))
                 for i in range(batch.size):
                     fields = infotext_fields(
@@ -181,7 +198,7 @@ def run_txt2img(
                     texts.append(format_infotext(batch.prompts[i], batch.negative_prompts[i], fields))
     finally:
         tracker.close()
-    return finish_images(images, texts, watermark=request.watermark)
+    return finish_images(images, texts, watermark=request.watermark, notes=notes)
 
 
 def _whole_image_concat(sd: StableDiffusion, shape: tuple[int, ...], batch: int) -> Tensor | None:
@@ -210,9 +227,11 @@ def _hires_pass(
     spec: SamplerSpec,
     sigmas: Tensor,
     tracker: Progress,
+    embeddings: EmbeddingRegistry | None,
+    notes: PromptNotes,
 ) -> Tensor:
     """A1111's hires fix: upscale the first pass (latents, or decoded pixels), then img2img at the new size
-    with fresh noise from the same seeds."""
+    with fresh noise from the same seeds, conditioned with the hires-pass prompt schedules."""
     width, height = request.hr_size
     shape = latent_shape(sd, width, height)
     mode = HR_UPSCALERS[request.hr_upscaler]
@@ -237,4 +256,7 @@ def _hires_pass(
         init_latent=latents,
         c_concat=_whole_image_concat(sd, shape, batch.size),
         progress=tracker,
+        embeddings=embeddings,
+        hires_steps=request.hr_steps,
+        notes=notes,
     )

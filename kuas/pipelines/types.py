@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from kuas.errors import InvalidInputError
+from kuas.prompts.conditioning import EMPHASIS_MODES
 from kuas.sampling.registry import SamplerSpec, resolve_sampler
 
 __all__ = [
@@ -166,7 +167,9 @@ class Request:
     """What every pipeline needs: prompts, size, sampler, guidance, seeds, batching and output options.
 
     `prompt` / `negative_prompt` are one string for every image, or a list with one entry per batch item
-    (length batch_size, reused in every batch) or per image (length batch_size * batch_count).
+    (length batch_size, reused in every batch) or per image (length batch_size * batch_count); both are
+    read in A1111's prompt language. `emphasis` is A1111's setting of that name (one of
+    `kuas.prompts.conditioning.EMPHASIS_MODES`: "Original", "No norm", "Ignore", "None").
     """
 
     prompt: str | tuple[str, ...] = ""
@@ -188,6 +191,7 @@ class Request:
     tiling: bool = False
     vae_tiling: bool | None = None
     watermark: bool = True
+    emphasis: str = "Original"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt", _prompt_list("prompt", self.prompt))
@@ -225,6 +229,10 @@ class Request:
         if self.vae_tiling is not None and not isinstance(self.vae_tiling, bool):
             raise InvalidInputError(
                 f"vae_tiling must be True, False or None (automatic), got {self.vae_tiling!r}"
+            )
+        if self.emphasis not in EMPHASIS_MODES:
+            raise InvalidInputError(
+                f"emphasis must be one of {', '.join(repr(m) for m in EMPHASIS_MODES)}, got {self.emphasis!r}"
             )
         for name in ("prompt", "negative_prompt"):
             self.prompts_for(name)  # list lengths must fit the batch
