@@ -271,30 +271,10 @@ def _scale_module_lr(trainer: Trainer, module: nn.Module, factor: float) -> None
 @torch.no_grad()
 def generate(sd, prompts: list[str], *, seed: int = 0, steps: int = 20, cfg_scale: float = 4.0,
              sampler: str = "Euler", size: int | None = None) -> list:
-    """Images for `prompts` with the current weights (plain prompts, CFG, seed + i per image)."""
-    from kuas.sampling.denoisers import EpsDenoiser, VDenoiser
-    from kuas.sampling.guidance import CFGDenoiser
-    from kuas.sampling.registry import resolve_sampler, sample, sigmas_for
-    from kuas.sampling.schedules import DiscreteSchedule
-    from PIL import Image
-
+    """Images for `prompts` with the current weights (image i from seed + i), through the txt2img pipeline."""
     size = size or sd.resolution
-    device = sd.device
-    schedule = DiscreteSchedule.sd().to(device)
-    inner = (VDenoiser if sd.prediction == "v" else EpsDenoiser)(sd.unet, schedule)
-    cond = sd.encode_prompt(prompts)
-    uncond = sd.encode_prompt([""] * len(prompts))
-    denoiser = CFGDenoiser(inner, {"context": cond.context}, {"context": uncond.context}, cfg_scale)
-    spec, key = resolve_sampler(sampler)
-    sigmas = sigmas_for(spec, key, steps, schedule, device=device)
-    f = sd.vae_scale
-    noise = torch.stack([torch.randn((sd.latent_channels, size // f, size // f),
-                                     generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))])
-    x = sample(denoiser, noise.to(device) * sigmas[0], sigmas, sampler=spec,
-               generator=torch.Generator().manual_seed(seed))
-    pixels = sd.vae.decode(x / sd.latent_scale).float().clamp(-1, 1)
-    arr = ((pixels.cpu().permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
-    return [Image.fromarray(a) for a in arr]
+    return sd.txt2img(list(prompts), seed=seed, steps=steps, cfg_scale=cfg_scale, sampler=sampler, width=size,
+                      height=size, batch_size=len(prompts), watermark=False)
 
 
 def _log_adherence(sd, recipe: Recipe, step: int, stage_dir: Path, n: int) -> None:
