@@ -7,11 +7,13 @@ how the family turns prompts into U-Net conditioning. Generation (txt2img, img2i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +27,7 @@ from kuas.errors import InvalidInputError
 from kuas.models.clip import CLIPTextConfig, CLIPTextModel, OpenCLIPTextModel
 from kuas.models.unet import UNetConfig, UNetModel, sdxl_vector_conditioning
 from kuas.models.vae import AutoencoderKL, VAEConfig
+from kuas.runtime import RuntimePolicy
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class StableDiffusion:
         text_layers: Mapping[str, tuple[int, bool]] | None = None,
         path: str | os.PathLike | None = None,
         metadata: Mapping[str, str] | None = None,
+        runtime: RuntimePolicy | None = None,
     ):
         from kuas.tokenizer import CLIPTokenizer
 
@@ -89,6 +93,12 @@ class StableDiffusion:
         self.path = None if path is None else os.fspath(path)
         self.metadata = dict(metadata or {})
         self._hash: str | None = None
+        if runtime is None:  # describe the networks as they are
+            runtime = RuntimePolicy(next(unet.parameters()).device, unet.dtype, self.text_encoder.dtype,
+                                    vae.dtype, reason="as built")
+        self.runtime = runtime
+        # lowvram on the CPU: how to read a released network back from its file (set by `kuas.load`)
+        self._reloaders: dict[str, Callable[[nn.Module], None]] = {}
 
     # -- components -----------------------------------------------------------------------------------
     @property
@@ -101,7 +111,9 @@ class StableDiffusion:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        """Where the networks compute (`runtime.device`; with lowvram a network may sit elsewhere between
+        uses)."""
+        return self.runtime.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -124,9 +136,75 @@ class StableDiffusion:
         return {"unet": self.unet, "vae": self.vae, **self.text_encoders}
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
+        """Move every network (and the runtime policy with them) to `device` / `dtype`."""
         for m in self.modules().values():
             m.to(device=device, dtype=dtype)
+        if dtype is not None:
+            self.runtime = self.runtime.with_dtype(dtype, device)
+        elif device is not None:
+            self.runtime = dataclasses.replace(self.runtime, device=torch.device(device))
         return self
+
+    # -- residency (lowvram) --------------------------------------------------------------------------
+    def network(self, name: str) -> nn.Module:
+        """A network by name: "unet", "vae", "text" (every text encoder's first) or a text encoder's name."""
+        if name == "unet":
+            return self.unet
+        if name == "vae":
+            return self.vae
+        if name == "text":
+            return self.text_encoder
+        if name in self.text_encoders:
+            return self.text_encoders[name]
+        raise InvalidInputError(f"unknown network {name!r}; use 'unet', 'vae', 'text' or {sorted(self.text_encoders)}")
+
+    def _network_names(self, names: tuple[str, ...]) -> set[str]:
+        out = set()
+        for name in names:
+            if name == "text":
+                out.update(self.text_encoders)
+            else:
+                self.network(name)
+                out.add(name)
+        return out
+
+    @contextlib.contextmanager
+    def using(self, *names: str) -> Iterator[None]:
+        """Make the named networks ready on `runtime.device` for the block.
+
+        Without `runtime.lowvram` this does nothing. With it, every other network leaves: on CUDA it moves
+        to the CPU, on the CPU it is released (its parameters become meta tensors) and read back from its
+        file the next time it is used. So only the active network (text encoders, U-Net, VAE in turn)
+        occupies the memory that matters.
+        """
+        wanted = self._network_names(names)
+        if not self.runtime.lowvram:
+            yield
+            return
+        everything = {"unet": self.unet, "vae": self.vae, **self.text_encoders}
+        for name, module in everything.items():
+            if name not in wanted:
+                self._offload(name, module)
+        for name in wanted:
+            self._bring(name, everything[name])
+        yield
+
+    def _offload(self, name: str, module: nn.Module) -> None:
+        param = next(module.parameters())
+        if self.runtime.device.type != "cpu":
+            if param.device.type != "cpu" and not param.is_meta:
+                module.to("cpu")
+        elif name in self._reloaders and not param.is_meta:
+            module.to_empty(device="meta")
+            log.debug("lowvram: released %s", name)
+
+    def _bring(self, name: str, module: nn.Module) -> None:
+        param = next(module.parameters())
+        if param.is_meta:
+            self._reloaders[name](module)
+            log.debug("lowvram: read %s back from its file", name)
+        elif param.device != self.runtime.device:
+            module.to(self.runtime.device)
 
     def eval(self) -> StableDiffusion:
         for m in self.modules().values():
@@ -177,6 +255,10 @@ class StableDiffusion:
         self, tokens: Mapping[str, Tensor], *, clip_skip: int = 1
     ) -> Conditioning:
         """Encode token ids (one (B, 77) tensor per text encoder name) into U-Net conditioning."""
+        with self.using("text"):
+            return self._encode_tokens(tokens, clip_skip)
+
+    def _encode_tokens(self, tokens: Mapping[str, Tensor], clip_skip: int) -> Conditioning:
         hidden, pooled = [], None
         for slot in self.slots:
             te = self.text_encoders[slot.spec.name]
@@ -358,14 +440,26 @@ def create(
 def load(
     path: str | os.PathLike,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     vae: str | os.PathLike | None = None,
     prediction: str | None = None,
+    runtime: RuntimePolicy | None = None,
+    threads: int | None = None,
+    lowvram: bool = False,
+    compile: bool = False,
 ) -> StableDiffusion:
     """Load a `.safetensors` / `.ckpt` single file or a diffusers folder, never running code from it.
 
-    dtype: compute dtype of every network (default: float32 on CPU, float16 on CUDA).
+    How the model runs is decided here, once (`kuas.runtime.choose_policy`, kept as `sd.runtime`):
+    dtype: one compute dtype for every network; default None picks the fastest that keeps quality for
+        this machine (CPU with AVX512-BF16/AMX: bf16 U-Net and text encoder, fp32 VAE; other CPUs: fp32;
+        CUDA: fp16). Weights already in the compute dtype stay zero-copy views of the file's map.
+    threads: torch intra-op threads (default: one per physical core, unless OMP_NUM_THREADS /
+        MKL_NUM_THREADS / KUAS_THREADS is set); set once here, never at import.
+    lowvram: keep only the network in use on the device / in memory (`StableDiffusion.using`).
+    compile: run the U-Net through `torch.compile` (the first generation compiles, minutes on a CPU).
+    runtime: a ready `RuntimePolicy` instead of the four arguments above and `device`.
     vae: a separate VAE file (single-file VAE, full checkpoint or diffusers `vae/` weights) that replaces
         the model's own.
     prediction: "eps" or "v"; needed only for SD 2.x files whose metadata does not say (otherwise it is
@@ -373,33 +467,60 @@ def load(
     """
     from kuas.checkpoints.loading import analyse, read_checkpoint
     from kuas.checkpoints.state_dict import SkipMetaInit, load_into
+    from kuas.runtime import choose_policy
 
     if prediction is not None and prediction not in ("eps", "v"):
         raise InvalidInputError(f"prediction must be 'eps' or 'v', not {prediction!r}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
     a = analyse(read_checkpoint(path), prediction=prediction)
+    if runtime is None:
+        runtime = choose_policy(device, dtype, family=a.family.name, threads=threads, lowvram=lowvram,
+                                compile=compile)
+    runtime.apply_threads()
     weights = a.contents.weights
     with SkipMetaInit():  # empty shells: the weights come next
         unet = UNetModel(a.unet, device="meta")
         vae_model = AutoencoderKL(a.vae, scale_factor=a.latent_scale, device="meta")
         encoders = {s.name: build_text_encoder(s, a.text_encoders[s.name], device="meta")
                     for s in a.family.text_encoders}
+    # lowvram: networks start where they wait (CPU) and reach the device when used
+    home = torch.device("cpu") if runtime.lowvram else runtime.device
     # weights is ours alone (nobody wrote into it): tensors that change dtype/device are read from the
     # file rather than through its map, so peak memory stays ~1x the loaded weights
-    fill = {"path": path, "dtype": dtype, "device": device, "read_from_file": True}
-    load_into(unet, weights, prefix=UNET_PREFIX, **fill)
-    load_into(vae_model, weights, prefix=VAE_PREFIX, **fill)
+    fill = {"path": path, "device": home, "read_from_file": True}
+    load_into(unet, weights, prefix=UNET_PREFIX, dtype=runtime.unet_dtype, **fill)
+    load_into(vae_model, weights, prefix=VAE_PREFIX, dtype=runtime.vae_dtype, **fill)
     for spec in a.family.text_encoders:
-        load_into(encoders[spec.name], weights, prefix=spec.prefix, **fill)
-    log.debug("%s: family %s, prediction %s (%s)", path, a.family.name, a.prediction, a.prediction_source)
+        load_into(encoders[spec.name], weights, prefix=spec.prefix, dtype=runtime.text_dtype, **fill)
+    log.debug("%s: family %s, prediction %s (%s); runtime %s", path, a.family.name, a.prediction,
+              a.prediction_source, runtime.describe())
     sd = StableDiffusion(a.family, unet, vae_model, encoders, prediction=a.prediction,
                          text_layers=a.contents.text_layers, path=path if os.path.isfile(path) else None,
-                         metadata=a.contents.metadata)
+                         metadata=a.contents.metadata, runtime=runtime)
     if vae is not None:
-        sd.vae = load_vae(vae, dtype=dtype, device=device, scale_factor=sd.vae.scale_factor)
+        sd.vae = load_vae(vae, dtype=runtime.vae_dtype, device=home, scale_factor=sd.vae.scale_factor)
+    if runtime.lowvram and runtime.device.type == "cpu":
+        sources = {"unet": (path, UNET_PREFIX, runtime.unet_dtype)}
+        if vae is None:
+            sources["vae"] = (path, VAE_PREFIX, runtime.vae_dtype)
+        sources.update({s.name: (path, s.prefix, runtime.text_dtype) for s in a.family.text_encoders})
+        sd._reloaders = {name: _file_reloader(*source) for name, source in sources.items()}
+    if runtime.compile:
+        sd.unet.compile(mode="reduce-overhead" if runtime.device.type == "cuda" else None)
     return sd.eval()
+
+
+def _file_reloader(path: str | os.PathLike, prefix: str, dtype: torch.dtype) -> Callable[[nn.Module], None]:
+    """A function that reads a released (meta) network's weights back from `path` (lowvram on the CPU)."""
+
+    def reload(module: nn.Module) -> None:
+        from kuas.checkpoints.loading import read_checkpoint
+        from kuas.checkpoints.state_dict import load_into
+
+        weights = read_checkpoint(path).weights  # the same keys (EMA swapped in) as the first load
+        load_into(module, weights, prefix=prefix, path=path, dtype=dtype, device="cpu", read_from_file=True)
+        module.eval().requires_grad_(False)
+
+    return reload
 
 
 def load_vae(

@@ -93,7 +93,7 @@ def test_saved_file_matches_diffusers_single_file_loading(tmp_path, family):
     _randomize(sd)
     path = sd.save(tmp_path / "model.safetensors")
     ckpt = load_file(str(path))  # the reference reader
-    ours = kuas.load(path)
+    ours = kuas.load(path, dtype=torch.float32)  # parity in the reference's dtype (the default may pick bf16)
 
     # text conditioning
     prompts = ["a red circle on the left", "two small blue stars, on a yellow background"]

@@ -115,7 +115,7 @@ def _diffusers_parts(path, tokenizer) -> dict:
     """diffusers / transformers modules holding the weights of the kuas file at `path`."""
     from safetensors.torch import load_file
 
-    sd = kuas.load(path)
+    sd = kuas.load(path, dtype=torch.float32)  # parity in the reference's dtype (the default may pick bf16)
     checkpoint = load_file(path)
     original = _original_config(sd)
     unet_config = create_unet_diffusers_config_from_ldm(original, checkpoint)
