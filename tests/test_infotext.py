@@ -242,11 +242,13 @@ def test_request_mapping_of_kuas_fields():
             "Sampler": "Euler",
             "Seed": 1,
             "Guidance rescale": 0.7,
+            "Emphasis": "No norm",
             "Outpaint": "left 64 right 0 top 8 bottom 0",
         },
     )
     request = infotext_to_request(text)
     assert request["guidance_rescale"] == 0.7
+    assert request["emphasis"] == "No norm"
     assert (request["left"], request["right"], request["top"], request["bottom"]) == (64, 0, 8, 0)
     with pytest.raises(InvalidInputError, match="Outpaint"):
         infotext_to_request(("p", "", {"Outpaint": "sideways 3"}))
