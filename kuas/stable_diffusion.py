@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from kuas.checkpoints.families import UNET_PREFIX, VAE_PREFIX, Family, TextEncoderSpec, get_family
 from kuas.checkpoints.metadata import KUAS_CONFIG_KEY
+
+DEFAULTS_KEY = "kuas.defaults"  # metadata: recommended generation settings (JSON)
 from kuas.errors import InvalidInputError
 from kuas.models.clip import CLIPTextConfig, CLIPTextModel, OpenCLIPTextModel
 from kuas.models.unet import UNetConfig, UNetModel, sdxl_vector_conditioning
@@ -96,11 +98,21 @@ class StableDiffusion:
         if runtime is None:  # describe the networks as they are
             runtime = RuntimePolicy(next(unet.parameters()).device, unet.dtype, self.text_encoder.dtype,
                                     vae.dtype, reason="as built")
-        self.runtime = runtime
+        self.runtime = runtime  # (the setter also tells the U-Net which activation layout to expect)
         # lowvram on the CPU: how to read a released network back from its file (set by `kuas.load`)
         self._reloaders: dict[str, Callable[[nn.Module], None]] = {}
 
     # -- components -----------------------------------------------------------------------------------
+    @property
+    def runtime(self) -> RuntimePolicy:
+        """How the networks run (`kuas.runtime.RuntimePolicy`): chosen by `kuas.load`, kept by `to()`."""
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, policy: RuntimePolicy) -> None:
+        self._runtime = policy
+        self.unet.input_memory_format = policy.memory_format
+
     @property
     def text_encoder(self) -> nn.Module:
         return self.text_encoders[self.family.text_encoders[0].name]
@@ -346,25 +358,36 @@ class StableDiffusion:
         return Path(path)
 
     # -- generation (kuas.pipelines) ------------------------------------------------------------------
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Generation settings the model's author recommends (metadata `kuas.defaults`, JSON), used by
+        txt2img & co. for every setting the caller leaves out (e.g. the built-in model's guidance scale)."""
+        try:
+            value = json.loads(self.metadata.get(DEFAULTS_KEY, "{}"))
+        except ValueError:
+            return {}
+        allowed = ("steps", "cfg_scale", "sampler", "scheduler", "clip_skip", "guidance_rescale", "eta")
+        return {k: v for k, v in value.items() if k in allowed} if isinstance(value, dict) else {}
+
     def txt2img(self, prompt: str | list[str], **kwargs: Any):
         from kuas.pipelines.txt2img import txt2img
 
-        return txt2img(self, prompt, **kwargs)
+        return txt2img(self, prompt, **{**self.defaults, **kwargs})
 
     def img2img(self, prompt: str | list[str], image: Any, **kwargs: Any):
         from kuas.pipelines.img2img import img2img
 
-        return img2img(self, prompt, image, **kwargs)
+        return img2img(self, prompt, image, **{**self.defaults, **kwargs})
 
     def inpaint(self, prompt: str | list[str], image: Any, mask: Any, **kwargs: Any):
         from kuas.pipelines.inpaint import inpaint
 
-        return inpaint(self, prompt, image, mask, **kwargs)
+        return inpaint(self, prompt, image, mask, **{**self.defaults, **kwargs})
 
     def outpaint(self, prompt: str | list[str], image: Any, **kwargs: Any):
         from kuas.pipelines.outpaint import outpaint
 
-        return outpaint(self, prompt, image, **kwargs)
+        return outpaint(self, prompt, image, **{**self.defaults, **kwargs})
 
 
 # -- construction -------------------------------------------------------------------------------------

@@ -158,3 +158,19 @@ def test_diffusers_folder_loads_to_the_same_weights(tmp_path, family, prediction
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert back.vae.scale_factor == sd.vae.scale_factor
+
+
+def test_model_defaults_apply_to_settings_left_out(tmp_path, monkeypatch):
+    sd = tiny("sd1")
+    path = sd.save(tmp_path / "m.safetensors", metadata={"kuas.defaults": json.dumps({"cfg_scale": 3.5, "steps": 2,
+                                                                                      "bogus": 1})})
+    loaded = kuas.load(path)
+    assert loaded.defaults == {"cfg_scale": 3.5, "steps": 2}
+    seen = {}
+    import kuas.pipelines.txt2img as t2i
+
+    monkeypatch.setattr(t2i, "txt2img", lambda sd, prompt, **kw: seen.update(kw))
+    loaded.txt2img("x")
+    assert seen == {"cfg_scale": 3.5, "steps": 2}
+    loaded.txt2img("x", cfg_scale=7.0)
+    assert seen["cfg_scale"] == 7.0

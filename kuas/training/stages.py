@@ -347,8 +347,10 @@ def run_all(recipe: Recipe, run_dir: str | Path, *, device: str | torch.device =
     out = run_dir / "model.safetensors"
     if dist.is_main:
         sd = assemble(recipe, run_dir)
+        defaults = {k: v for k, v in recipe.sample.items() if k in ("steps", "cfg_scale", "sampler")}
         sd.save(out, dtype=torch.float16, metadata={"modelspec.title": recipe.name,
                                                     "modelspec.description": recipe.description,
+                                                    "kuas.defaults": json.dumps(defaults),
                                                     "kuas.recipe": recipe.to_json()})
         log.info("wrote %s (stage times this call: %s)", out, times)
     barrier(dist)
