@@ -254,3 +254,27 @@ def test_latent_cache_matches_encoding_and_rewords_captions(tmp_path):
     same_scene = [cache.item(7 + 10 * e) for e in range(12)]  # epochs revisit scene 7 ...
     assert all(torch.equal(x[0], latent) for x in same_scene)
     assert len({x[1] for x in same_scene}) > 1  # ... with different wording
+
+
+def test_autoencoder_loss_weights_object_pixels():
+    from kuas.models.vae import AutoencoderKL, VAEConfig
+    from kuas.training.objectives import AutoencoderObjective
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_num_groups=4))
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    fg = torch.zeros(2, 1, 16, 16)
+    fg[:, :, 4:8, 4:8] = 1
+    plain = AutoencoderObjective(mse_weight=0, edge_weight=0, kl_weight=0)
+    weighted = AutoencoderObjective(mse_weight=0, edge_weight=0, kl_weight=0, foreground_weight=5.0)
+    a, _ = plain.loss(vae, images, [1, 2], fg)
+    b, _ = weighted.loss(vae, images, [1, 2], fg)
+    with torch.no_grad():
+        post = vae.encode(images)
+        from kuas.training.objectives import randn_per_sample
+
+        z = post.mean + post.std * randn_per_sample([1, 2], tuple(post.mean.shape[1:]), salt=0x7A3)
+        err = (vae.decode(z) - images).abs()
+    w = 1 + 4 * fg
+    assert torch.allclose(a, err.mean(), atol=1e-6)
+    assert torch.allclose(b, (err * w / w.mean()).mean(), atol=1e-6)

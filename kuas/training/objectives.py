@@ -88,22 +88,33 @@ def sobel_edges(x: Tensor) -> Tensor:
 @dataclass
 class AutoencoderObjective:
     """Reconstruction loss for the VAE: L1 + MSE on pixels, an edge term that keeps shapes sharp
-    (Sobel responses, L1), and a small KL term toward N(0, I) that keeps the latent space smooth."""
+    (Sobel responses, L1), and a small KL term toward N(0, I) that keeps the latent space smooth.
+
+    `foreground_weight` multiplies the pixel terms on object pixels when a foreground mask is given
+    (procedural data knows it): small objects are a few percent of an image, yet their colour and shape
+    are what a prompt asks for.
+    """
 
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     edge_weight: float = 0.5
     kl_weight: float = 1e-6
+    foreground_weight: float = 1.0
 
-    def loss(self, vae, images: Tensor, seeds: list[int]) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, vae, images: Tensor, seeds: list[int], foreground: Tensor | None = None
+             ) -> tuple[Tensor, dict[str, float]]:
         posterior = vae.encode(images)
         eps = randn_per_sample(seeds, tuple(posterior.mean.shape[1:]), salt=0x7A3)
         eps = eps.to(images.device, posterior.mean.dtype)
         z = posterior.mean + posterior.std * eps
         rec = vae.decode(z).float()
         images = images.float()
-        l1 = (rec - images).abs().mean()
-        mse = F.mse_loss(rec, images)
+        w = torch.ones_like(images[:, :1])
+        if foreground is not None and self.foreground_weight != 1.0:
+            w = 1 + (self.foreground_weight - 1) * foreground.to(images.device, images.dtype)
+        w = w / w.mean()
+        l1 = ((rec - images).abs() * w).mean()
+        mse = ((rec - images) ** 2 * w).mean()
         edge = (sobel_edges(rec) - sobel_edges(images)).abs().mean()
         kl = posterior.kl().mean() / images[0].numel()
         total = self.l1_weight * l1 + self.mse_weight * mse + self.edge_weight * edge + self.kl_weight * kl

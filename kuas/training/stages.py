@@ -84,12 +84,22 @@ def train_vae(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.de
     objective = AutoencoderObjective(**opts.get("loss", {}))
     cfg = recipe.loop("vae")
 
-    def make_batch(indices):
-        images = torch.stack([source.item(i).image for i in indices])
-        return random_crop(images, crop, [sample_seed(cfg.seed, i) for i in indices]).to(device)
+    use_mask = objective.foreground_weight != 1.0 and recipe.data.get("kind", "world") == "world"
 
-    def compute_loss(images, seeds):
-        return objective.loss(vae, images, seeds)
+    def make_batch(indices):
+        items = [source.item(i) for i in indices]
+        images = torch.stack([it.image for it in items])
+        if use_mask:  # object pixels, from the scene's exact segmentation
+            from kuas.world.render import segmentation_labels
+
+            masks = torch.stack([torch.from_numpy(segmentation_labels(it.scene, source.size) > 0) for it in items])
+            images = torch.cat([images, masks[:, None].float()], 1)
+        images = random_crop(images, crop, [sample_seed(cfg.seed, i) for i in indices]).to(device)
+        return (images[:, :3], images[:, 3:]) if use_mask else (images, None)
+
+    def compute_loss(batch, seeds):
+        images, foreground = batch
+        return objective.loss(vae, images, seeds, foreground)
 
     def sample(step, out_dir):
         _write_reconstructions(vae, source, out_dir / f"vae-{step:07d}.png", device)
