@@ -202,3 +202,16 @@ def test_merge_plan_is_a_plain_dataclass():
     x = torch.tensor([[[1.0], [3.0], [5.0]]])
     assert torch.equal(plan.merge(x), torch.tensor([[[2.0], [5.0]]]))
     assert torch.equal(plan.unmerge(plan.merge(x)), torch.tensor([[[2.0], [2.0], [5.0]]]))
+
+
+def test_token_merging_starts_at_the_highest_level_with_attention():
+    """kuas' built-in model has no attention at full latent resolution: merging goes one level down."""
+    sd = kuas.create("sd1", unet={**UNET, "channel_mult": (1, 2, 2), "attention_resolutions": (2, 4)},
+                     vae={"ch": 32, "num_res_blocks": 1}, text_encoder=TE)
+    transformers = [m for m in sd.unet.modules() if hasattr(m, "transformer_blocks")]
+    with token_merging(sd, 0.5) as merger:
+        levels = {st.level for st in transformers if st.transformer_blocks[0].token_merge is merger}
+    assert levels == {1}
+    with token_merging(sd, 0.5, max_downsample=2) as merger:
+        levels = {st.level for st in transformers if st.transformer_blocks[0].token_merge is merger}
+    assert levels == {1, 2}

@@ -631,6 +631,9 @@ class UNetModel(nn.Module):
         # blocks kept after conv_in), ``fetch(key) -> Tensor | None`` (a deep feature to reuse this call)
         # and ``store(key, feature)``; None = every call runs the whole network.
         self.step_cache: Any = None
+        # The activation layout callers should feed (`kuas.pipelines.common.UNetFunction` converts its input
+        # once); set from the runtime policy by `StableDiffusion`. Weights keep their loaded layout.
+        self.input_memory_format = torch.contiguous_format
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
         mc, groups, drop = config.model_channels, config.norm_num_groups, config.dropout
         emb_dim = mc * 4

@@ -68,6 +68,7 @@ __all__ = [
     "VAE_TILE_AUTO_PIXELS",
     "ImageNoise",
     "LatentBlend",
+    "NonFiniteError",
     "Progress",
     "PromptNotes",
     "StepCallback",
@@ -95,6 +96,7 @@ __all__ = [
     "slerp",
     "tensor_to_images",
     "text_conditioning",
+    "unet_in_float32",
 ]
 
 StepCallback = Callable[[int, int, Tensor], Any]
@@ -168,10 +170,21 @@ class ImageNoise:
             [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in self.generators]
         )
 
-    def sampler_noise(self, like: Tensor) -> Callable[[float, float], Tensor]:
-        """A sampler `noise_sampler(sigma, sigma_next)` continuing these streams, on `like`'s device."""
+    def sampler_noise(self, like: Tensor, prefetch: int = 0) -> Callable[[float, float], Tensor]:
+        """A sampler `noise_sampler(sigma, sigma_next)` continuing these streams, on `like`'s device.
+
+        prefetch: on an accelerator, draw that many noises up front and move them in one transfer, so the
+        sampling loop does no host-to-device copy (the values and their order are the same).
+        """
+        ready: list[Tensor] = []
+        if prefetch > 0 and like.device.type != "cpu":
+            drawn = torch.stack([self.next(like.shape[1:]) for _ in range(prefetch)])
+            ready = list(drawn.to(like.device, like.dtype).unbind(0))
+            ready.reverse()
 
         def draw(sigma: float, sigma_next: float) -> Tensor:
+            if ready:
+                return ready.pop()
             return self.next(like.shape[1:]).to(like.device, like.dtype)
 
         return draw
@@ -408,6 +421,11 @@ class UNetFunction:
     ) -> Tensor:
         if c_concat is not None:
             x = torch.cat([x, c_concat.to(device=x.device, dtype=x.dtype)], dim=1)
+        # the runtime's activation layout (channels_last on CPUs with bf16 and on CUDA): converting the
+        # input once makes every convolution and norm after it run NHWC
+        layout = getattr(self.unet, "input_memory_format", torch.contiguous_format)
+        if layout != torch.contiguous_format:
+            x = x.contiguous(memory_format=layout)
         return self.unet(x, t, context=context, y=y)
 
 
@@ -476,7 +494,7 @@ class Progress:
 
     def __call__(self, info: StepInfo) -> None:
         if not torch.isfinite(info.denoised).all():
-            raise KuasError(
+            raise NonFiniteError(
                 f"the U-Net produced NaN/Inf values at sampling step {info.i + 1} (sigma {info.sigma:.4g}); with "
                 f"float16 weights this is usually an overflow: load the model with dtype=torch.float32 or "
                 f"torch.bfloat16"
@@ -489,9 +507,20 @@ class Progress:
                 "sampling stopped: the callback returned False", step=info.i, x=info.x, denoised=info.denoised
             )
 
+    def rewind(self, done: int) -> None:
+        """Go back to `done` steps (a batch is sampled again after a float32 retry)."""
+        self.done = int(done)
+        if self.bar is not None:
+            self.bar.n = self.done
+            self.bar.refresh()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class NonFiniteError(KuasError):
+    """A network produced NaN/Inf values (in low precision: an overflow; the pipelines retry in float32)."""
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
@@ -520,7 +549,7 @@ def run_sampler(
                 x, lo, hi if hi > lo else lo * 2, seeds=noise.seeds
             )
         else:
-            kwargs["noise_sampler"] = noise.sampler_noise(x)
+            kwargs["noise_sampler"] = noise.sampler_noise(x, prefetch=len(sigmas) - 1)
     if eta is not None:
         if _accepts(spec.function, "eta"):
             kwargs["eta"] = eta
@@ -533,6 +562,12 @@ def run_sampler(
 def _vae_call(sd: StableDiffusion, fn: Callable[[], Tensor], what: str) -> Tensor:
     """Run a VAE computation; on NaN/Inf in low precision, run it again with the VAE in float32 (restored
     after), as A1111 does for VAEs that overflow in float16."""
+    using = getattr(sd, "using", None)  # lowvram residency (a bare VAE holder has none)
+    with using("vae") if using is not None else contextlib.nullcontext():
+        return _checked_vae_call(sd, fn, what)
+
+
+def _checked_vae_call(sd: StableDiffusion, fn: Callable[[], Tensor], what: str) -> Tensor:
     out = fn()
     if torch.isfinite(out).all():
         return out
@@ -745,6 +780,8 @@ def infotext_fields(
         "Eta": float(request.eta) if request.eta is not None and _accepts(spec.function, "eta") else None,
         "Guidance rescale": float(request.guidance_rescale) if request.guidance_rescale > 0 else None,
         "Emphasis": request.emphasis if request.emphasis != "Original" else None,  # as A1111 writes it
+        "Token merging ratio": float(request.tome_ratio) if request.tome_ratio > 0 else None,  # A1111's name
+        "DeepCache interval": request.deepcache_interval if request.deepcache_interval > 1 else None,
     }
     fields.update(extra or {})
     from kuas import __version__
@@ -861,18 +898,19 @@ def sample_batch(
     not do (per image).
     """
     device = sd.device
-    guided = guided_denoiser(
-        sd,
-        request,
-        batch.prompts,
-        batch.negative_prompts,
-        sigmas=sigmas,
-        width=width,
-        height=height,
-        embeddings=embeddings,
-        hires_steps=hires_steps,
-        c_concat=c_concat,
-    )
+    with sd.using("text"):  # lowvram: only the text encoders while the prompts are encoded
+        guided = guided_denoiser(
+            sd,
+            request,
+            batch.prompts,
+            batch.negative_prompts,
+            sigmas=sigmas,
+            width=width,
+            height=height,
+            embeddings=embeddings,
+            hires_steps=hires_steps,
+            c_concat=c_concat,
+        )
     if notes is not None:
         notes.add_batch(batch.start, guided.batch)
     x = noise.to(device) * sigmas[0]
@@ -881,8 +919,55 @@ def sample_batch(
     if blend is not None:
         blend = (blend[0].to(device), blend[1].to(device))
     denoiser = build_denoiser(spec, guided, blend=blend)
-    latents = run_sampler(denoiser, x, sigmas, spec, rng, eta=request.eta, progress=progress)
+    done = progress.done if progress is not None else 0
+    try:
+        latents = _sample_with_speedups(sd, request, denoiser, x, sigmas, spec, rng, progress)
+    except NonFiniteError:
+        if sd.unet.dtype == torch.float32:
+            raise
+        # a low-precision overflow: sample the batch again from the same noise with a float32 U-Net
+        log.warning("the U-Net overflowed in %s; sampling this batch again in float32", sd.unet.dtype)
+        retry_rng = ImageNoise(rng.seeds, rng.subseeds, rng.subseed_strength)
+        retry_rng.first(tuple(noise.shape[1:]))  # the initial draw, as the first attempt made it
+        if progress is not None:
+            progress.rewind(done)
+        with unet_in_float32(sd):
+            latents = _sample_with_speedups(sd, request, denoiser, x, sigmas, spec, retry_rng, progress)
     if blend is not None:
         original, mask = blend
         latents = original * (1 - mask) + mask * latents
     return latents
+
+
+def _sample_with_speedups(
+    sd: StableDiffusion,
+    request: Request,
+    denoiser: Callable[..., Tensor],
+    x: Tensor,
+    sigmas: Tensor,
+    spec: SamplerSpec,
+    rng: ImageNoise,
+    progress: Progress | None,
+) -> Tensor:
+    """One sampling run with the U-Net resident and the request's opt-in speedups attached (a fresh step
+    cache per run); non-finite latents raise `NonFiniteError`."""
+    from kuas.speedups import step_caching, token_merging
+
+    with sd.using("unet"), token_merging(sd.unet, request.tome_ratio), step_caching(
+        sd.unet, request.deepcache_interval
+    ):
+        latents = run_sampler(denoiser, x, sigmas, spec, rng, eta=request.eta, progress=progress)
+    if not torch.isfinite(latents).all():
+        raise NonFiniteError("sampling produced NaN/Inf latents")
+    return latents
+
+
+@contextlib.contextmanager
+def unet_in_float32(sd: StableDiffusion) -> Iterator[None]:
+    """The U-Net in float32 for the block, back in its dtype after (bf16/fp16 -> fp32 -> back is exact)."""
+    dtype = sd.unet.dtype
+    sd.unet.to(torch.float32)
+    try:
+        yield
+    finally:
+        sd.unet.to(dtype)

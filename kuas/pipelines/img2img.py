@@ -104,6 +104,8 @@ def img2img(
     tiling: bool = False,
     vae_tiling: bool | None = None,
     emphasis: str = "Original",
+    tome_ratio: float = 0.0,
+    deepcache_interval: int = 1,
     embeddings: EmbeddingRegistry | None = None,
     noise: Tensor | None = None,
     callback: StepCallback | None = None,
@@ -140,6 +142,8 @@ def img2img(
         strength=strength,
         resize_mode=resize_mode,
         emphasis=emphasis,
+        tome_ratio=tome_ratio,
+        deepcache_interval=deepcache_interval,
     )
     return run_img2img(
         sd, request, init_images, noise=noise, callback=callback, progress=progress, embeddings=embeddings

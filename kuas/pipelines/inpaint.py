@@ -250,6 +250,8 @@ def inpaint(
     tiling: bool = False,
     vae_tiling: bool | None = None,
     emphasis: str = "Original",
+    tome_ratio: float = 0.0,
+    deepcache_interval: int = 1,
     embeddings: EmbeddingRegistry | None = None,
     noise: Tensor | None = None,
     callback: StepCallback | None = None,
@@ -303,6 +305,8 @@ def inpaint(
         inpaint_full_res_padding=inpaint_full_res_padding,
         latent_blend=latent_blend,
         emphasis=emphasis,
+        tome_ratio=tome_ratio,
+        deepcache_interval=deepcache_interval,
     )
     return run_inpaint(
         sd,

@@ -113,6 +113,8 @@ def outpaint(
     eta: float | None = None,
     vae_tiling: bool | None = None,
     emphasis: str = "Original",
+    tome_ratio: float = 0.0,
+    deepcache_interval: int = 1,
     embeddings: EmbeddingRegistry | None = None,
     noise: Tensor | None = None,
     callback: StepCallback | None = None,
@@ -161,6 +163,8 @@ def outpaint(
         overlap=overlap,
         inpainting_fill=fill,
         emphasis=emphasis,
+        tome_ratio=tome_ratio,
+        deepcache_interval=deepcache_interval,
     )
     grown = {"left": left, "right": right, "top": top, "bottom": bottom}
     request = dataclasses.replace(request, mask=_repaint_mask(new_area, box, grown, request.overlap))

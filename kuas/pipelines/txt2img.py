@@ -76,6 +76,8 @@ def txt2img(
     hr_denoising_strength: float = 0.7,
     hr_upscaler: str = "Latent",
     emphasis: str = "Original",
+    tome_ratio: float = 0.0,
+    deepcache_interval: int = 1,
     embeddings: EmbeddingRegistry | None = None,
     noise: Tensor | None = None,
     callback: StepCallback | None = None,
@@ -97,6 +99,12 @@ def txt2img(
     "Ignore", "None"), `embeddings` a `kuas.prompts.EmbeddingRegistry` whose names the prompts may use.
     What could not be honoured (extra networks kuas cannot load yet, malformed syntax) is logged and listed
     in each image's ``.info["kuas_notes"]`` (see `kuas.pipelines.common`).
+
+    Opt-in speedups with a small quality cost (`kuas.speedups`; written to the infotext when on):
+    `tome_ratio` merges that fraction of the full-resolution tokens before self-attention (ToMe; 0.3-0.5
+    is useful), `deepcache_interval` N runs the whole U-Net only every N-th step and reuses its deep
+    features in between (DeepCache; 2-3 is useful). How the model runs (dtype, layout, threads, lowvram)
+    is `sd.runtime`, chosen at load.
     """
     native_w, native_h = default_size(sd)
     request = Txt2ImgRequest(
@@ -125,6 +133,8 @@ def txt2img(
         hr_denoising_strength=hr_denoising_strength,
         hr_upscaler=hr_upscaler,
         emphasis=emphasis,
+        tome_ratio=tome_ratio,
+        deepcache_interval=deepcache_interval,
     )
     return run_txt2img(sd, request, noise=noise, callback=callback, progress=progress, embeddings=embeddings)
 

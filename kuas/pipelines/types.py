@@ -54,6 +54,7 @@ MAX_BATCH_SIZE = 64
 MAX_BATCH_COUNT = 1000
 SEED_LIMIT = 2**63  # seeds (and seed + image index) stay below this
 SIZE_MULTIPLE = 8  # the VAE factor of every Stable Diffusion model
+MAX_TOME_RATIO = 0.75  # token merging keeps one token of each 2x2 cell
 
 # A1111's img2img resize modes: 0 just resize, 1 crop and resize, 2 resize and fill.
 RESIZE_MODES: tuple[str, ...] = ("just resize", "crop and resize", "resize and fill")
@@ -170,6 +171,8 @@ class Request:
     (length batch_size, reused in every batch) or per image (length batch_size * batch_count); both are
     read in A1111's prompt language. `emphasis` is A1111's setting of that name (one of
     `kuas.prompts.conditioning.EMPHASIS_MODES`: "Original", "No norm", "Ignore", "None").
+    `tome_ratio` (token merging, 0 = off, up to 0.75) and `deepcache_interval` (step caching: the whole U-Net
+    every N-th call, 1 = off) are the opt-in speedups of `kuas.speedups`, attached for each sampling run.
     """
 
     prompt: str | tuple[str, ...] = ""
@@ -192,6 +195,8 @@ class Request:
     vae_tiling: bool | None = None
     watermark: bool = True
     emphasis: str = "Original"
+    tome_ratio: float = 0.0
+    deepcache_interval: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt", _prompt_list("prompt", self.prompt))
@@ -236,6 +241,8 @@ class Request:
             )
         for name in ("prompt", "negative_prompt"):
             self.prompts_for(name)  # list lengths must fit the batch
+        _check_float("tome_ratio", self.tome_ratio, 0.0, MAX_TOME_RATIO)
+        _check_int("deepcache_interval", self.deepcache_interval, 1, MAX_STEPS, " (1 = no step caching)")
 
     @property
     def image_count(self) -> int:

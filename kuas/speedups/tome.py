@@ -12,7 +12,8 @@ What it does, per transformer block at the merged levels and per call:
    (a merged source takes its destination's output).
 
 As in the paper's defaults only self-attention is merged (cross-attention and the MLP see every token)
-and only at the full latent resolution (`max_downsample=1`), where attention costs most. Both directions
+and only at the highest-resolution attention level (`max_downsample=1`; the full latent resolution in
+SD 1.x / 2.x), where attention costs most. Both directions
 are one index map: ``index[b, n]`` is the merged slot of original token n, so merging is a mean-scatter
 and unmerging a gather.
 """
@@ -114,9 +115,15 @@ class TokenMerging:
 
 
 def _blocks(unet: nn.Module, max_downsample: int) -> list[nn.Module]:
+    """Transformer blocks at most `max_downsample` below the highest-resolution level that has attention
+    (the full latent resolution in every official model; one level down in kuas' built-in model)."""
     from kuas.models.unet import SpatialTransformer
 
-    return [block for st in unet.modules() if isinstance(st, SpatialTransformer) and 2**st.level <= max_downsample
+    transformers = [m for m in unet.modules() if isinstance(m, SpatialTransformer)]
+    if not transformers:
+        return []
+    top = min(st.level for st in transformers)
+    return [block for st in transformers if 2 ** (st.level - top) <= max_downsample
             for block in st.transformer_blocks]
 
 
@@ -125,7 +132,8 @@ def token_merging(
     model: Any, ratio: float, *, max_downsample: int = 1, stride: int = 2, random: bool = True, seed: int = 0
 ) -> Iterator[TokenMerging | None]:
     """Merge `ratio` of the tokens before self-attention in the U-Net's blocks at down factors up to
-    `max_downsample` (1: full latent resolution only) for the duration of the block.
+    `max_downsample`, counted from the highest-resolution level with attention (1: that level only, the
+    full latent resolution of SD 1.x / 2.x; tomesd's default) for the duration of the block.
 
     model: a `StableDiffusion` or its U-Net. ratio 0 does nothing. The blocks' previous state is restored
     exactly on exit, even on error; the merging draws its random destinations from its own generator
