@@ -6,10 +6,12 @@ model (`StableDiffusion.runtime`); the pipelines read it, nothing else holds it.
 
 Defaults (what "fast by default without visible quality loss" means per machine):
 
-* CPU with AVX512-BF16 or AMX: U-Net and text encoder in bfloat16 (oneDNN runs bf16 matmuls and
-  convolutions at 2-4x the float32 rate; bf16 keeps float32's exponent range, so no overflow), the VAE in
-  float32 (the decoder's last layers turn latents into 8-bit pixels: there bf16's 8-bit mantissa shows),
-  channels_last activations (oneDNN's native layout: no reorders around each convolution).
+* CPU with AVX512-BF16 or AMX: U-Net and VAE in bfloat16 (oneDNN runs bf16 matmuls and convolutions at
+  ~4x the float32 rate here; bf16 keeps float32's exponent range, so nothing overflows; a bf16 VAE decode
+  differs from float32 by ~50 dB PSNR in 8-bit pixels, i.e. not visibly), the text encoder in float32
+  (it runs once per prompt and is bound by small elementwise ops, so bf16 saves nothing there but would
+  perturb every image), channels_last activations and convolution weights (oneDNN's native layout: no
+  reorders around each convolution).
 * other CPUs: float32 everywhere, contiguous layout (channels_last gives nothing there).
 * CUDA: float16 networks (bfloat16 VAE on GPUs that have it, since the SDXL VAE overflows float16; other
   VAEs fall back to float32 on a NaN), channels_last, SDPA (flash / memory-efficient kernels).
@@ -57,7 +59,8 @@ class RuntimePolicy:
     device: where the networks compute.
     unet_dtype / text_dtype / vae_dtype: each network's compute (and storage) dtype.
     channels_last: run convolutions on NHWC activations (the U-Net input and the VAE latents are converted
-        once per call; weights are left as loaded so fp16/bf16 files stay zero-copy).
+        once per call) with NHWC convolution weights (converted at load: these are copies even when the
+        file's dtype is the compute dtype; linear and norm weights stay zero-copy views of the file).
     threads: intra-op threads torch should use, or None to leave torch's setting alone.
     lowvram: keep only the network in use on the compute device (CUDA) or in memory (CPU: the others are
         released and re-read from their file when needed).
@@ -224,8 +227,8 @@ def choose_policy(
                                True if channels_last is None else channels_last, threads, lowvram, compile,
                                reason="CUDA: float16 with SDPA")
     elif device.type == "cpu" and cpu_has_fast_bf16(cpuinfo):
-        policy = RuntimePolicy(device, torch.bfloat16, torch.bfloat16,
-                               torch.float32 if vae_dtype is None else vae_dtype,
+        policy = RuntimePolicy(device, torch.bfloat16, torch.float32,
+                               torch.bfloat16 if vae_dtype is None else vae_dtype,
                                True if channels_last is None else channels_last, threads, lowvram, compile,
                                reason="CPU with native bf16 (AVX512-BF16/AMX)")
     else:

@@ -527,6 +527,9 @@ def load(
             sources["vae"] = (path, VAE_PREFIX, runtime.vae_dtype)
         sources.update({s.name: (path, s.prefix, runtime.text_dtype) for s in a.family.text_encoders})
         sd._reloaders = {name: _file_reloader(*source) for name, source in sources.items()}
+    if runtime.channels_last:  # NHWC convolution weights: no per-call reorder for NHWC activations
+        sd.unet.to(memory_format=torch.channels_last)
+        sd.vae.to(memory_format=torch.channels_last)
     if runtime.compile:
         sd.unet.compile(mode="reduce-overhead" if runtime.device.type == "cuda" else None)
     return sd.eval()

@@ -56,11 +56,11 @@ def saved(tmp_path_factory):
 
 
 # -- choosing ----------------------------------------------------------------------------------------------
-def test_cpu_with_native_bf16_gets_bf16_networks_fp32_vae_channels_last(cpuinfo, no_thread_env):
+def test_cpu_with_native_bf16_gets_bf16_unet_and_vae_fp32_text_channels_last(cpuinfo, no_thread_env):
     policy = choose_policy("cpu", cpuinfo=cpuinfo(ZEN4))
     assert cpu_has_fast_bf16(cpuinfo(ZEN4))
-    assert (policy.unet_dtype, policy.text_dtype, policy.vae_dtype) == (torch.bfloat16, torch.bfloat16,
-                                                                        torch.float32)
+    assert (policy.unet_dtype, policy.text_dtype, policy.vae_dtype) == (torch.bfloat16, torch.float32,
+                                                                        torch.bfloat16)
     assert policy.channels_last and policy.memory_format == torch.channels_last
     assert policy.threads == physical_cores()
     assert "bf16" in policy.reason
@@ -152,9 +152,13 @@ def test_load_keeps_file_dtype_weights_zero_copy(saved):
 
 def test_load_default_policy_follows_the_machine(saved, keep_threads):
     sd = kuas.load(saved["float16"])
-    expected = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    fast = cpu_has_fast_bf16()
+    expected = torch.bfloat16 if fast else torch.float32
     assert sd.unet.dtype == expected and sd.runtime.unet_dtype == expected
-    assert sd.vae.dtype == torch.float32
+    assert sd.vae.dtype == expected and sd.text_encoder.dtype == torch.float32
+    conv = sd.unet.input_blocks[1][0].in_layers[2].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == fast  # NHWC weights with NHWC activations
+    assert sd.unet.input_memory_format == (torch.channels_last if fast else torch.contiguous_format)
     explicit = kuas.load(saved["float16"], dtype=torch.float32)
     assert {m.dtype for m in (explicit.unet, explicit.vae, explicit.text_encoder)} == {torch.float32}
 

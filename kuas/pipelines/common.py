@@ -588,6 +588,12 @@ def _checked_vae_call(sd: StableDiffusion, fn: Callable[[], Tensor], what: str) 
     )
 
 
+def _layout(sd: StableDiffusion) -> torch.memory_format:
+    """The runtime's activation layout (a bare VAE holder without a runtime: contiguous)."""
+    runtime = getattr(sd, "runtime", None)
+    return runtime.memory_format if runtime is not None else torch.contiguous_format
+
+
 def encode_images(sd: StableDiffusion, pixels: Tensor) -> Tensor:
     """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents (float32, on the model's device).
 
@@ -597,7 +603,8 @@ def encode_images(sd: StableDiffusion, pixels: Tensor) -> Tensor:
 
     def run() -> Tensor:
         vae = sd.vae
-        return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).mean.float()
+        x = pixels.to(device=vae.device, dtype=vae.dtype).contiguous(memory_format=_layout(sd))
+        return vae.encode(x).mean.float()
 
     return _vae_call(sd, run, "encode") * sd.vae.scale_factor
 
@@ -667,6 +674,7 @@ def decode_latents(
 
     def run() -> Tensor:
         z = (latents / vae.scale_factor).to(device=vae.device, dtype=vae.dtype)
+        z = z.contiguous(memory_format=_layout(sd))
         if tiled:
             return _decode_tiled(vae, z, tile, overlap)
         return vae.decode(z).float().cpu()
