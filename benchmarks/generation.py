@@ -82,8 +82,8 @@ def kuas_job(
     sd = kuas.load(path, dtype=None if dtype is None else getattr(torch, dtype), lowvram=lowvram,
                    compile=compile)
     load_s = time.perf_counter() - t0
-    kwargs = dict(negative_prompt=negative_prompt, width=width, height=height, sampler=sampler,
-                  cfg_scale=cfg_scale, seed=seed, watermark=False)
+    kwargs = {"negative_prompt": negative_prompt, "width": width, "height": height, "sampler": sampler,
+              "cfg_scale": cfg_scale, "seed": seed, "watermark": False}
     speed = {}
     if tome_ratio:
         speed["tome_ratio"] = tome_ratio

@@ -69,7 +69,7 @@ class RuntimePolicy:
     reason: why these choices (for logs and benchmark tables).
     """
 
-    device: torch.device = torch.device("cpu")
+    device: torch.device | str = "cpu"
     unet_dtype: torch.dtype = torch.float32
     text_dtype: torch.dtype = torch.float32
     vae_dtype: torch.dtype = torch.float32

@@ -526,7 +526,8 @@ def load(
         if vae is None:
             sources["vae"] = (path, VAE_PREFIX, runtime.vae_dtype)
         sources.update({s.name: (path, s.prefix, runtime.text_dtype) for s in a.family.text_encoders})
-        sd._reloaders = {name: _file_reloader(*source) for name, source in sources.items()}
+        sd._reloaders = {name: _file_reloader(*source, runtime.memory_format)
+                         for name, source in sources.items()}
     if runtime.channels_last:  # NHWC convolution weights: no per-call reorder for NHWC activations
         sd.unet.to(memory_format=torch.channels_last)
         sd.vae.to(memory_format=torch.channels_last)
@@ -535,7 +536,9 @@ def load(
     return sd.eval()
 
 
-def _file_reloader(path: str | os.PathLike, prefix: str, dtype: torch.dtype) -> Callable[[nn.Module], None]:
+def _file_reloader(
+    path: str | os.PathLike, prefix: str, dtype: torch.dtype, memory_format: torch.memory_format
+) -> Callable[[nn.Module], None]:
     """A function that reads a released (meta) network's weights back from `path` (lowvram on the CPU)."""
 
     def reload(module: nn.Module) -> None:
@@ -544,7 +547,7 @@ def _file_reloader(path: str | os.PathLike, prefix: str, dtype: torch.dtype) -> 
 
         weights = read_checkpoint(path).weights  # the same keys (EMA swapped in) as the first load
         load_into(module, weights, prefix=prefix, path=path, dtype=dtype, device="cpu", read_from_file=True)
-        module.eval().requires_grad_(False)
+        module.to(memory_format=memory_format).eval().requires_grad_(False)
 
     return reload
 

@@ -192,6 +192,14 @@ def test_without_lowvram_using_changes_nothing(saved):
     sd = kuas.load(saved["float16"], dtype=torch.float32)
     with sd.using("unet"):
         assert not any(next(m.parameters()).is_meta for m in sd.modules().values())
-    with pytest.raises(InvalidInputError, match="unknown network"):
-        with sd.using("clip"):
-            pass
+    with pytest.raises(InvalidInputError, match="unknown network"), sd.using("clip"):
+        pass
+
+
+def test_lowvram_reads_networks_back_in_the_runtime_layout(saved):
+    sd = kuas.load(saved["float16"], runtime=RuntimePolicy(channels_last=True, lowvram=True))
+    with sd.using("vae"):
+        assert next(sd.unet.parameters()).is_meta
+    with sd.using("unet"):
+        conv = sd.unet.input_blocks[1][0].in_layers[2].weight
+        assert not conv.is_meta and conv.is_contiguous(memory_format=torch.channels_last)

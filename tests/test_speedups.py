@@ -115,9 +115,8 @@ def test_token_merging_attaches_to_full_resolution_blocks_and_restores_exactly(u
     assert all(b.token_merge is None for b in blocks)
     assert torch.equal(_run(unet, x, t, ctx), ref)
     assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
-    with pytest.raises(RuntimeError, match="boom"):  # restored on error too
-        with token_merging(unet, 0.5):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), token_merging(unet, 0.5):  # restored on error too
+        raise RuntimeError("boom")
     assert all(b.token_merge is None for b in blocks)
     with token_merging(unet, 0.0) as none:
         assert none is None and torch.equal(_run(unet, x, t, ctx), ref)
@@ -136,12 +135,10 @@ def test_token_merging_quality_falls_with_the_ratio(unet, inputs):
 
 
 def test_token_merging_rejects_bad_settings(unet):
-    with pytest.raises(InvalidInputError, match="ratio"):
-        with token_merging(unet, 0.8):
-            pass
-    with pytest.raises(InvalidInputError, match="max_downsample"):
-        with token_merging(unet, 0.5, max_downsample=3):
-            pass
+    with pytest.raises(InvalidInputError, match="ratio"), token_merging(unet, 0.8):
+        pass
+    with pytest.raises(InvalidInputError, match="max_downsample"), token_merging(unet, 0.5, max_downsample=3):
+        pass
 
 
 # -- step caching ------------------------------------------------------------------------------------------
@@ -189,12 +186,10 @@ def test_step_caching_quality_over_a_denoising_run(unet, inputs):
 
 
 def test_step_caching_rejects_bad_settings(unet):
-    with pytest.raises(InvalidInputError, match="interval"):
-        with step_caching(unet, 0):
-            pass
-    with pytest.raises(InvalidInputError, match="branch"):
-        with step_caching(unet, 2, branch=len(unet.input_blocks)):
-            pass
+    with pytest.raises(InvalidInputError, match="interval"), step_caching(unet, 0):
+        pass
+    with pytest.raises(InvalidInputError, match="branch"), step_caching(unet, 2, branch=len(unet.input_blocks)):
+        pass
 
 
 def test_merge_plan_is_a_plain_dataclass():
