@@ -147,3 +147,24 @@ def test_lowvram_gives_the_same_image_with_one_network_resident(sd, tmp_path):
     assert _pixels(a).tolist() == _pixels(b).tolist()
     resident = {n: not next(m.parameters()).is_meta for n, m in low.modules().items()}
     assert resident == {"unet": False, "vae": True, "text_encoder": False}  # the VAE decoded last
+
+
+def test_vae_tiling_engages_above_the_runtimes_threshold(sd):
+    from types import SimpleNamespace
+
+    from kuas.pipelines.common import decode_latents
+    from kuas.runtime import RuntimePolicy
+
+    calls = []
+    handle = sd.vae.decoder.register_forward_pre_hook(lambda m, a: calls.append(tuple(a[0].shape[-2:])))
+    z = torch.randn(1, 4, 80, 80, generator=torch.Generator().manual_seed(0))  # 640x640 pixels
+    try:
+        with torch.no_grad():
+            for pixels, tiles in ((1024 * 1024, 1), (512 * 512, 4)):  # above 512^2: 64-latent tiles
+                calls.clear()
+                model = SimpleNamespace(vae=sd.vae, vae_scale=sd.vae_scale,
+                                        runtime=RuntimePolicy(vae_tile_pixels=pixels))
+                decode_latents(model, z)
+                assert len(calls) == tiles, (pixels, calls)
+    finally:
+        handle.remove()

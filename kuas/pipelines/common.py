@@ -663,12 +663,15 @@ def decode_latents(
 ) -> Tensor:
     """Scaled latents -> images (B, 3, H, W) float32 in [0, 1] on the CPU.
 
-    tiled: True / False, or None to tile only above `VAE_TILE_AUTO_PIXELS` output pixels.
+    tiled: True / False, or None to tile only above the runtime's `vae_tile_pixels` output pixels
+        (`VAE_TILE_AUTO_PIXELS` by default; lower with lowvram).
     """
     vae = sd.vae
     f = sd.vae_scale
     if tiled is None:
-        tiled = latents.shape[-2] * latents.shape[-1] * f * f > VAE_TILE_AUTO_PIXELS
+        runtime = getattr(sd, "runtime", None)
+        limit = runtime.vae_tile_pixels if runtime is not None else VAE_TILE_AUTO_PIXELS
+        tiled = latents.shape[-2] * latents.shape[-1] * f * f > limit
     if tiled and overlap >= tile:
         raise InvalidInputError(f"VAE tile overlap {overlap} must be smaller than the tile {tile}")
 
