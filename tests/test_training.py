@@ -222,8 +222,14 @@ def test_two_ranks_at_half_batch_equal_one_rank(tmp_path):
     out = tmp_path / "ddp.pt"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), run=str(tmp_path / "ddp"),
                                         out=str(out)))
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script)], capture_output=True, text=True, timeout=300,
+    import socket
+
+    with socket.socket() as sock:  # a free port: --standalone's fixed default collides with a parallel run
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                          "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", str(script)],
+                         capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     ddp = torch.load(out)
