@@ -79,12 +79,14 @@ QUALITY_SETTINGS = {
 
 
 def run_size(path: str, size: int, steps: int, seed: int, systems: list[str], threads: int,
-             config_dir: str) -> dict[str, common.Measurement]:
+             config_dir: str, device: str = "cpu") -> dict[str, common.Measurement]:
     results: dict[str, common.Measurement] = {}
     base = txt2img.job_kwargs(path, size, steps, seed)
     for name in systems:
         job, extra, label = SYSTEMS[name]
         kwargs = {**base, **extra}
+        if device != "cpu":
+            kwargs["device"] = device
         if job == "diffusers_job":
             kwargs["config_dir"] = config_dir
         if job == "sdcpp_job":
@@ -98,21 +100,26 @@ def run_size(path: str, size: int, steps: int, seed: int, systems: list[str], th
         m.values.pop("log_tail", None)
         results[name] = m
         v = m.values
+        vram = f", peak VRAM {v['peak_vram'] / common.GB:.2f} GB" if "peak_vram" in v else ""
         print(f"  {size}px {label}: {v['image_s']:.1f} s/image, {v['unet_step_s']:.2f} s/step, "
-              f"peak RSS {m.peak_rss / common.GB:.2f} GB ({v['runtime']})", flush=True)
+              f"peak RSS {m.peak_rss / common.GB:.2f} GB{vram} ({v['runtime']})", flush=True)
     return results
 
 
 def peak_of(name: str, m: common.Measurement, peaks: dict[str, float]) -> tuple[str, float]:
-    """The matmul peak that applies to a system: bf16 when its U-Net computes in bf16, else fp32."""
+    """The matmul peak that applies to a system: that of its U-Net's compute dtype (fp32 by default)."""
     runtime = m.values.get("runtime", "")
-    return ("bf16", peaks["bf16"]) if "unet bf16" in runtime else ("fp32", peaks["fp32"])
+    for kind in ("bf16", "fp16"):
+        if (f"unet {kind}" in runtime or ("diffusers float16" in runtime and kind == "fp16")) and kind in peaks:
+            return kind, peaks[kind]
+    return "fp32", peaks["fp32"]
 
 
 def size_table(size: int, results: dict[str, common.Measurement], peaks: dict[str, float]) -> str:
     ref = results.get("diffusers")
     flops = generation.unet_flops(size, size)
     rows = []
+    gpu = any("peak_vram" in m.values for m in results.values())
     for name, m in results.items():
         cells = txt2img.row(SYSTEMS[name][2], m, ref)
         gflops = flops / m.values["unet_step_s"] / 1e9
@@ -123,8 +130,11 @@ def size_table(size: int, results: dict[str, common.Measurement], peaks: dict[st
             cells.append(f"{m.values['warmup_s']:.0f}")
         else:
             cells.append("-")
+        if gpu:
+            vram = m.values.get("peak_vram")
+            cells.append("-" if vram is None else f"{vram / common.GB:.2f}")
         rows.append(cells)
-    headers = txt2img.HEADERS + ["U-Net GFLOP/s", "of matmul peak", "warm-up s"]
+    headers = txt2img.HEADERS + ["U-Net GFLOP/s", "of matmul peak", "warm-up s"] + (["peak VRAM GB"] if gpu else [])
     return common.markdown_table(headers, rows)
 
 
@@ -263,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-only", action="store_true", help="skip the speed tables")
     parser.add_argument("--profile", type=int, metavar="SIZE", help="profile one kuas U-Net call at SIZE and exit")
     parser.add_argument("--json", help="also write every measurement to this JSON file")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: kuas and diffusers in "
+                        "fp16, no stable-diffusion.cpp; peak VRAM is reported too)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = str(common.cached_sd15_checkpoint())
@@ -283,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         parser.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+    if args.device != "cpu":
+        systems = [s for s in systems if not s.startswith("sdcpp")]  # the bindings' CPU build is what we test
     if importlib.util.find_spec("stable_diffusion_cpp") is None and any(s.startswith("sdcpp") for s in systems):
         print("stable-diffusion-cpp-python is not installed: skipping stable-diffusion.cpp "
               "(pip install stable-diffusion-cpp-python)")
@@ -300,14 +314,15 @@ def main(argv: list[str] | None = None) -> int:
               "--quality-model PATH (e.g. a partially trained `kuas train` run's model)")
 
     if not args.quality_only:
-        peaks = common.run_in_subprocess("generation", "matmul_peak_job", {}, threads=args.threads).values
+        peaks = common.run_in_subprocess("generation", "matmul_peak_job", {"device": args.device},
+                                         threads=args.threads).values
         report["matmul_peak_gflops"] = peaks
-        print(f"matmul peak ({args.threads} threads, 4096^3): fp32 {peaks['fp32']:.0f} GFLOP/s, "
-              f"bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)
+        print(f"matmul peak ({args.device}, {args.threads} threads, 4096^3): "
+              + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items() if k != "threads"), flush=True)
         config_dir = str(common.diffusers_sd15_config_dir())
         tables = {}
         for size in sizes:
-            results = run_size(path, size, steps, args.seed, systems, args.threads, config_dir)
+            results = run_size(path, size, steps, args.seed, systems, args.threads, config_dir, args.device)
             tables[size] = results
             report["sizes"][size] = {n: {"peak_rss": m.peak_rss, **m.values} for n, m in results.items()}
 

@@ -23,10 +23,24 @@ from typing import Any
 import common  # noqa: F401  (makes `benchmarks/` importable the same way in every child)
 
 
+def _no_sync() -> None:
+    pass
+
+
+def _syncer(device: str):
+    """A function that waits for the device's queued work (CUDA launches are asynchronous)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.synchronize
+    return _no_sync
+
+
 class _Timer:
     """Accumulates the wall time spent inside modules' forward calls (pre/post hooks)."""
 
-    def __init__(self, modules: list[Any]):
+    def __init__(self, modules: list[Any], sync: Any = _no_sync):
+        self.sync = sync
         self.total = 0.0
         self.calls = 0
         self._depth = 0
@@ -38,12 +52,14 @@ class _Timer:
 
     def _pre(self, module, args):
         if self._start is None:
+            self.sync()
             self._start = time.perf_counter()
         self._depth += 1
 
     def _post(self, module, args, output):
         self._depth -= 1
         if self._depth == 0 and self._start is not None:
+            self.sync()
             self.total += time.perf_counter() - self._start
             self.calls += 1
             self._start = None
@@ -72,15 +88,17 @@ def kuas_job(
     path: str, prompt: str, negative_prompt: str, width: int, height: int, steps: int, sampler: str,
     cfg_scale: float, seed: int, dtype: str | None = None, tome_ratio: float = 0.0, deepcache_interval: int = 1,
     compile: bool = False, lowvram: bool = False, save: str | None = None, warmup: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """kuas.load + txt2img. `warmup` first generates once with 2 steps (reported apart: compile time)."""
     import torch
 
     import kuas
 
+    sync = _syncer(device)
     t0 = time.perf_counter()
     sd = kuas.load(path, dtype=None if dtype is None else getattr(torch, dtype), lowvram=lowvram,
-                   compile=compile)
+                   compile=compile, device=device)
     load_s = time.perf_counter() - t0
     kwargs = {"negative_prompt": negative_prompt, "width": width, "height": height, "sampler": sampler,
               "cfg_scale": cfg_scale, "seed": seed, "watermark": False}
@@ -95,17 +113,22 @@ def kuas_job(
         sd.txt2img(prompt, steps=2, **kwargs, **speed)
         out["warmup_s"] = time.perf_counter() - w0
 
-    text = _Timer(list(sd.text_encoders.values()))
-    vae = _Timer([sd.vae.decoder])
+    text = _Timer(list(sd.text_encoders.values()), sync)
+    vae = _Timer([sd.vae.decoder], sync)
     stamps: list[float] = []
 
     def on_step(step: int, total: int, latents: Any) -> None:
+        sync()
         stamps.append(time.perf_counter())
 
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     images = sd.txt2img(prompt, steps=steps, callback=on_step, **kwargs, **speed)
     out["image_s"] = time.perf_counter() - start
     out.update(_step_summary(stamps, start), text_s=text.total, vae_s=vae.total)
+    if device.startswith("cuda"):
+        out["peak_vram"] = torch.cuda.max_memory_allocated()
     _save(images[0], save)
     return out
 
@@ -116,14 +139,18 @@ def kuas_job(
 
 def diffusers_job(
     path: str, config_dir: str, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
-    sampler: str, cfg_scale: float, seed: int, dtype: str = "float32", save: str | None = None,
+    sampler: str, cfg_scale: float, seed: int, dtype: str | None = None, save: str | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """diffusers' StableDiffusionPipeline.from_single_file (offline) with its CPU defaults: fp32, SDPA."""
+    """diffusers' StableDiffusionPipeline.from_single_file (offline) with its usual settings: fp32 on a CPU
+    (its default), fp16 on CUDA; SDPA attention either way."""
     import torch
     from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
     from diffusers.utils import logging as dlogging
 
     dlogging.disable_progress_bar()
+    dtype = dtype or ("float16" if device.startswith("cuda") else "float32")
+    sync = _syncer(device)
     t0 = time.perf_counter()
     pipe = StableDiffusionPipeline.from_single_file(
         path, config=config_dir, local_files_only=True, torch_dtype=getattr(torch, dtype),
@@ -132,16 +159,20 @@ def diffusers_job(
     schedulers = {"Euler a": EulerAncestralDiscreteScheduler, "Euler": EulerDiscreteScheduler}
     pipe.scheduler = schedulers[sampler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
     load_s = time.perf_counter() - t0
 
-    text = _Timer([pipe.text_encoder])
-    vae = _Timer([pipe.vae.decoder])
+    text = _Timer([pipe.text_encoder], sync)
+    vae = _Timer([pipe.vae.decoder], sync)
     stamps: list[float] = []
 
     def on_step(p, step, timestep, kwargs):
+        sync()
         stamps.append(time.perf_counter())
         return kwargs
 
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with torch.no_grad():
         image = pipe(prompt, negative_prompt=negative_prompt, width=width, height=height,
@@ -149,6 +180,8 @@ def diffusers_job(
                      generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=on_step).images[0]
     out = {"load_s": load_s, "image_s": time.perf_counter() - start, "runtime": f"diffusers {dtype}, SDPA",
            "text_s": text.total, "vae_s": vae.total}
+    if device.startswith("cuda"):
+        out["peak_vram"] = torch.cuda.max_memory_allocated()
     out.update(_step_summary(stamps, start))
     _save(image, save)
     return out
@@ -213,19 +246,26 @@ def sdcpp_job(
 # The machine's matmul peak and the U-Net's FLOPs
 
 
-def matmul_peak_job(n: int = 4096, repeats: int = 3) -> dict[str, Any]:
-    """Best-of-`repeats` GFLOP/s of an n x n x n torch.matmul in fp32 and bf16 (this process's threads)."""
+def matmul_peak_job(n: int = 4096, repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
+    """Best-of-`repeats` GFLOP/s of an n x n x n torch.matmul in fp32 and bf16 (and fp16 on CUDA), with
+    this process's threads."""
     import torch
 
+    sync = _syncer(device)
     out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
+    kinds = [("fp32", torch.float32), ("bf16", torch.bfloat16)]
+    if device.startswith("cuda"):
+        kinds.append(("fp16", torch.float16))
+    for name, dtype in kinds:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
         torch.matmul(a, b)
         best = float("inf")
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
             torch.matmul(a, b)
+            sync()
             best = min(best, time.perf_counter() - t0)
         out[name] = 2 * n**3 / best / 1e9
     out["threads"] = torch.get_num_threads()
