@@ -495,3 +495,21 @@ def test_512_output_carries_the_watermark(cli, tmp_path, tiny_model):
     imwatermark = pytest.importorskip("imwatermark", reason="test extra: pip install invisible-watermark")
     bgr = np.ascontiguousarray(pixels(marked)[:, :, ::-1])
     assert imwatermark.WatermarkDecoder("bytes", 136).decode(bgr, "dwtDct") == b"StableDiffusionV1"
+
+
+def test_performance_options_reach_the_run(cli, tmp_path, tiny_model):
+    """--tome-ratio / --deepcache-interval change the image and are recorded in its infotext; --threads
+    and --lowvram load the model accordingly."""
+    common = ["txt2img", "a red circle", "--model", tiny_model, "--width", "64", "--height", "64",
+              "--steps", "4", "--seed", "3", "--sampler", "Euler", "--outdir", str(tmp_path)]
+    [plain] = run_ok(cli, *common)
+    [fast] = run_ok(cli, *common, "--tome-ratio", "0.5", "--deepcache-interval", "2", "--threads", "1",
+                    "--lowvram")
+    fields = parse_infotext(read_infotext(fast)).fields
+    assert fields["Token merging ratio"] == "0.5" and fields["DeepCache interval"] == "2"
+    assert "Token merging ratio" not in parse_infotext(read_infotext(plain)).fields
+    assert not np.array_equal(pixels(plain), pixels(fast))
+    [again] = run_ok(cli, "txt2img", "--from-infotext", fast, "--model", tiny_model, "--outdir", str(tmp_path))
+    assert read_infotext(again) == read_infotext(fast)
+    status, _, err = cli(*common, "--deepcache-interval", "0", "--no-progress")
+    assert status != 0 and "deepcache" in err.lower()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kuas.errors import InvalidInputError
+from kuas.cli.performance import SPEEDUP_KEYWORDS, add_performance_options, load_options
 
 log = logging.getLogger(__name__)
 
@@ -409,9 +410,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--dtype",
             choices=DTYPES,
             default=None,
-            help="compute precision (default: float32 on CPU, float16 on CUDA)",
+            help="compute precision of every network (default: chosen for the machine: bfloat16 U-Net and "
+            "VAE on CPUs with native bf16, float32 on other CPUs, float16 on CUDA)",
         )
         model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
+        add_performance_options(p)
         out = p.add_argument_group("output")
         out.add_argument(
             "--outdir",
@@ -431,7 +434,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # -- building the request ----------------------------------------------------------------------------------
 def _keywords(command: str) -> set[str]:
-    return {opt.keyword for opt in OPTIONS if command in opt.commands}
+    """The pipeline keywords the command's options set (the performance group's speedups included)."""
+    return {opt.keyword for opt in OPTIONS if command in opt.commands} | SPEEDUP_KEYWORDS
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -564,7 +568,7 @@ def run(args: argparse.Namespace) -> int:
 
     import kuas
 
-    sd = kuas.load(path, dtype=dtype, device=device, vae=args.vae, prediction=args.prediction)
+    sd = kuas.load(path, dtype=dtype, device=device, vae=args.vae, prediction=args.prediction, **load_options(args))
     if args.from_infotext:
         _warn_if_other_model(args.from_infotext, sd)
     prompt = request.pop("prompt")

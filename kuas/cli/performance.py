@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["add_performance_options", "load_options", "pipeline_options"]
+__all__ = ["SPEEDUP_KEYWORDS", "add_performance_options", "load_options", "pipeline_options"]
+
+# The pipeline keywords of the opt-in speedups (recorded in the infotext, so --from-infotext restores them).
+SPEEDUP_KEYWORDS = frozenset({"tome_ratio", "deepcache_interval"})
 
 
 def add_performance_options(parser: argparse.ArgumentParser) -> None:
@@ -44,4 +47,4 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for the pipeline call from the parsed options (only those given)."""
-    return {name: getattr(args, name) for name in ("tome_ratio", "deepcache_interval") if hasattr(args, name)}
+    return {name: getattr(args, name) for name in sorted(SPEEDUP_KEYWORDS) if hasattr(args, name)}

@@ -245,6 +245,8 @@ _SIMPLE_FIELDS: dict[str, tuple[str, Any]] = {
     "Hires upscale": ("hr_scale", _as_float),
     "Hires steps": ("hr_second_pass_steps", _as_int),
     "Hires upscaler": ("hr_upscaler", lambda f, k: f[k].strip()),
+    "Token merging ratio": ("tome_ratio", _as_float),
+    "DeepCache interval": ("deepcache_interval", _as_int),
 }
 # A1111's img2img fields with named values: field -> (kuas keyword, {value: setting}).
 _NAMED_FIELDS: dict[str, tuple[str, dict[str, Any]]] = {
