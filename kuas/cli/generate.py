@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kuas.errors import InvalidInputError
 from kuas.cli.performance import SPEEDUP_KEYWORDS, add_performance_options, load_options
+from kuas.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
