@@ -15,8 +15,8 @@ metadata, then a logged guess (see `kuas.checkpoints.loading.resolve_prediction`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from kuas.errors import CheckpointError
 from kuas.models.clip import CLIP_L, OPENCLIP_BIGG, OPENCLIP_H, CLIPTextConfig

@@ -13,15 +13,23 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from kuas.checkpoints.families import PREDICTION_TWINS, UNET_PREFIX, VAE_PREFIX, Family, detect_family, get_family
+from kuas.checkpoints.families import (
+    PREDICTION_TWINS,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    Family,
+    detect_family,
+    get_family,
+)
 from kuas.checkpoints.metadata import KUAS_CONFIG_KEY, prediction_from_metadata
 from kuas.errors import CheckpointError
 from kuas.models.clip import CLIPTextConfig, infer_clip_config, infer_openclip_config

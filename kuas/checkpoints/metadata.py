@@ -9,7 +9,7 @@ inpainting and depth models, which the spec's listing does not name, get archite
 from __future__ import annotations
 
 import datetime
-from typing import Mapping
+from collections.abc import Mapping
 
 from kuas.checkpoints.families import Family, family_by_architecture
 

@@ -24,7 +24,6 @@ import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import BinaryIO
 
@@ -32,8 +31,8 @@ import torch
 from torch import Tensor
 
 from kuas.checkpoints.formats import FileSpan, StateDict
-from kuas.fileio import atomic_write
 from kuas.errors import CheckpointError, InvalidInputError
+from kuas.fileio import atomic_write
 
 __all__ = [
     "MAX_HEADER_SIZE",

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,17 +37,17 @@ from torch.utils.checkpoint import checkpoint
 from kuas.errors import CheckpointError, InvalidInputError
 
 __all__ = [
-    "CLIPTextConfig",
+    "CLIP_IGNORED_KEYS",
     "CLIP_L",
-    "OPENCLIP_H",
     "OPENCLIP_BIGG",
-    "TextEncoderOutput",
+    "OPENCLIP_H",
+    "OPENCLIP_IGNORED_KEYS",
+    "CLIPTextConfig",
     "CLIPTextModel",
     "OpenCLIPTextModel",
+    "TextEncoderOutput",
     "infer_clip_config",
     "infer_openclip_config",
-    "CLIP_IGNORED_KEYS",
-    "OPENCLIP_IGNORED_KEYS",
 ]
 
 CLIP_IGNORED_KEYS = ("text_model.embeddings.position_ids",)
@@ -87,7 +88,7 @@ class CLIPTextConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "CLIPTextConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> CLIPTextConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

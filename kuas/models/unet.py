@@ -33,15 +33,15 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from kuas.errors import CheckpointError, InvalidInputError
 
 __all__ = [
+    "SD1_INPAINT_UNET",
+    "SD1_UNET",
+    "SD2_DEPTH_UNET",
+    "SD2_INPAINT_UNET",
+    "SD2_UNET",
+    "SDXL_REFINER_UNET",
+    "SDXL_UNET",
     "UNetConfig",
     "UNetModel",
-    "SD1_UNET",
-    "SD1_INPAINT_UNET",
-    "SD2_UNET",
-    "SD2_INPAINT_UNET",
-    "SD2_DEPTH_UNET",
-    "SDXL_UNET",
-    "SDXL_REFINER_UNET",
     "infer_unet_config",
     "sdxl_vector_conditioning",
     "timestep_embedding",
@@ -568,7 +568,7 @@ class SpatialTransformer(nn.Module):
         _zero_(self.proj_out)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
         hidden = self.norm(x)
         if not self.use_linear:
             hidden = self.proj_in(hidden)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +30,10 @@ from torch.utils.checkpoint import checkpoint
 from kuas.errors import CheckpointError, InvalidInputError
 
 __all__ = [
-    "VAEConfig",
     "SD_VAE",
-    "DiagonalGaussian",
     "AutoencoderKL",
+    "DiagonalGaussian",
+    "VAEConfig",
     "infer_vae_config",
 ]
 
@@ -92,7 +93,7 @@ class VAEConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "VAEConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> VAEConfig:
         """Build from `to_dict()` output or from a yaml `ddconfig` (plus `embed_dim`).
 
         The yaml key `attn_type` is accepted when it names plain attention ("vanilla",

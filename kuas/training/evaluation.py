@@ -8,8 +8,9 @@ scenes. Each image is scored by `kuas.world.evaluate` against its scene's exact 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -21,9 +21,10 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -197,7 +198,7 @@ class Trainer:
         return True
 
     # -- loop -----------------------------------------------------------------------------------------
-    def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
+    def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
 
     def _autocast(self):
@@ -252,12 +253,11 @@ class Trainer:
         barrier(self.dist)
         c = self.cfg
         old_handlers = {}
-        if self.dist.is_main or True:  # every rank records the request; any_rank() makes them agree
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    old_handlers[sig] = signal.signal(sig, self._request_stop)
-                except ValueError:  # not the main thread
-                    pass
+        for sig in (signal.SIGINT, signal.SIGTERM):  # every rank records a stop request; any_rank() agrees
+            try:
+                old_handlers[sig] = signal.signal(sig, self._request_stop)
+            except ValueError:  # not the main thread
+                pass
         bar = None
         if self.progress and self.dist.is_main:
             from tqdm.auto import tqdm

@@ -6,8 +6,8 @@ Per-sample randomness (timestep, noise, caption dropout) is drawn from generator
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
