@@ -56,6 +56,8 @@ def main() -> int:
     ap.add_argument("--model", default=str(ROOT / "kuas" / "assets" / "builtin.safetensors"))
     ap.add_argument("--n", type=int, default=500, help="prompts per set (default 500)")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg-scale", type=float, default=None, help="default: the model's recommended scale")
+    ap.add_argument("--sampler", default=None, help="default: the model's recommended sampler")
     ap.add_argument("--run-dir", default=None, help="training run directory, to report the training time")
     ap.add_argument("--out", default="outputs/builtin-benchmark", help="reports and grids")
     ap.add_argument("--threads", type=int, default=None)
@@ -71,6 +73,10 @@ def main() -> int:
     sd = kuas.load(args.model)
     size = sd.resolution
     settings = {"steps": args.steps}
+    if args.cfg_scale is not None:
+        settings["cfg_scale"] = args.cfg_scale
+    if args.sampler is not None:
+        settings["sampler"] = args.sampler
 
     def generate(prompts, seed):
         return sd.txt2img(prompts, seed=seed, batch_size=len(prompts), width=size, height=size, **settings)
@@ -100,7 +106,8 @@ def main() -> int:
     count_acc = statistics.mean(r["all_correct"] for r in count) if count else None
     bg_col = min(min(r["background"], r["color"]) for r in results.values())
 
-    print(f"\nmodel {args.model} ({mb:.1f} MB), {size}x{size}, {args.steps} steps, {torch.get_num_threads()} threads\n")
+    shown = {**sd.defaults, **settings}
+    print(f"\nmodel {args.model} ({mb:.1f} MB), {size}x{size}, {shown}, {torch.get_num_threads()} threads\n")
     print(format_table(results))
     rows = [
         ("heldout-single all-correct", results["heldout-single"]["all_correct"], ">="),
