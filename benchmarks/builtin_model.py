@@ -37,6 +37,19 @@ TARGETS = {
     "training hours": 2.5,
 }
 
+# The sample sheet (seed 0 each): the README's prompt, held-out pairs (green triangle, purple star, ...
+# never appear in training), counting.
+SAMPLE_PROMPTS = [
+    "a large red circle on the left and a small blue star at the top, on a yellow background",
+    "a large green triangle in the center, on a black background",
+    "a small purple star in the bottom right corner, on a white background",
+    "three small yellow hearts, on a blue background",
+    "a large white heart on the right, on a purple background",
+    "two large orange squares, on a green background",
+    "a large blue square at the bottom and a small red triangle at the top, on a white background",
+    "four small black circles, on an orange background",
+]
+
 
 def _training_hours(run_dir: Path | None) -> float | None:
     if run_dir is None:
@@ -98,6 +111,12 @@ def main() -> int:
                             "--model", args.model, "--outdir", tmp, "--seed", "1"], check=True,
                            capture_output=True)
             cli = time.perf_counter() - t0
+
+    # the README's sample sheet: fixed prompts, seed 0 each, scored with check marks
+    from kuas.world.evaluate import evaluate
+
+    samples = [sd.txt2img(p, seed=0, width=size, height=size, **settings)[0] for p in SAMPLE_PROMPTS]
+    evaluate(samples, SAMPLE_PROMPTS, Path(args.out) / "samples", names=SAMPLE_PROMPTS)
 
     results = evaluate_adherence(generate, args.n, batch=16, out_dir=args.out, progress=True)
     mb = Path(args.model).stat().st_size / 1e6
