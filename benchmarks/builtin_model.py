@@ -37,14 +37,14 @@ TARGETS = {
     "training hours": 2.5,
 }
 
-# The sample sheet (seed 0 each): the README's prompt, held-out pairs (green triangle, purple star, ...
-# never appear in training), counting.
+# The sample sheet (seed 0 each): four prompts of seen colour-shape combinations (the README's first) and
+# four of held-out ones (green triangle, purple star, orange square, black circle: never in training).
 SAMPLE_PROMPTS = [
     "a large red circle on the left and a small blue star at the top, on a yellow background",
     "a large green triangle in the center, on a black background",
     "a small purple star in the bottom right corner, on a white background",
     "three small yellow hearts, on a blue background",
-    "a large white heart on the right, on a purple background",
+    "a small yellow star in the top left corner, on a red background",
     "two large orange squares, on a green background",
     "a large blue square at the bottom and a small red triangle at the top, on a white background",
     "four small black circles, on an orange background",
