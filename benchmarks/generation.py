@@ -311,6 +311,8 @@ def quality_job(
         dtype = setting.pop("dtype", None)
         if dtype not in models:
             models[dtype] = kuas.load(path, dtype=None if dtype is None else getattr(torch, dtype))
+            models[dtype].txt2img(prompts[0], width=size, height=size, steps=2, sampler=sampler,
+                                  cfg_scale=cfg_scale, seed=0, watermark=False)  # warm-up, untimed
         sd = models[dtype]
         start = time.perf_counter()
         index = 0
