@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers import randomize
 from PIL import Image
 
 import kuas
@@ -52,24 +52,11 @@ S = 64  # image side in the tests
 FAST = {"width": S, "height": S, "steps": 3, "watermark": False}
 
 
-def _randomize(sd: kuas.StableDiffusion, seed: int = 1) -> kuas.StableDiffusion:
-    """Non-trivial weights everywhere (kuas zero-initialises output layers, which would make eps = 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in sd.modules().values():
-            for name, p in module.named_parameters():
-                if p.ndim >= 2:
-                    p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()))
-                elif name.endswith("weight"):
-                    p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-                else:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return sd
 
 
 @pytest.fixture(scope="module")
 def sd():
-    return _randomize(kuas.create("sd1", **TINY))
+    return randomize(kuas.create("sd1", **TINY))
 
 
 @pytest.fixture(scope="module")
@@ -667,7 +654,7 @@ def test_other_families_generate(family):
     kwargs = dict(TINY)
     if family == "sdxl":
         kwargs["text_encoder_2"] = {**TE, "projection_dim": 64}
-    model = _randomize(kuas.create(family, **kwargs))
+    model = randomize(kuas.create(family, **kwargs))
     image = model.txt2img("a lighthouse", seed=1, width=32, height=32, steps=2, watermark=False)[0]
     assert image.size == (32, 32) and _arr(image).std() > 1
     if family == "sd1-inpaint":

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import math
 from types import SimpleNamespace
 from typing import Self
 
 import numpy as np
 import pytest
 import torch
+from helpers import randomize
 from PIL import Image
 
 import kuas
@@ -53,29 +53,16 @@ WORDS = (  # noqa: SIM905
 ).split()
 
 
-def _randomize(sd: kuas.StableDiffusion, seed: int = 1) -> kuas.StableDiffusion:
-    """Non-trivial weights everywhere, final LayerNorm biases included (A1111's emphasis mean needs them)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in sd.modules().values():
-            for name, p in module.named_parameters():
-                if p.ndim >= 2:
-                    p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()))
-                elif name.endswith("weight"):
-                    p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-                else:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return sd
 
 
 @pytest.fixture(scope="module")
 def sd():
-    return _randomize(kuas.create("sd1", **TINY))
+    return randomize(kuas.create("sd1", **TINY))
 
 
 @pytest.fixture(scope="module")
 def sdxl():
-    return _randomize(kuas.create("sdxl", **TINY, text_encoder_2={**TE, "projection_dim": 64}))
+    return randomize(kuas.create("sdxl", **TINY, text_encoder_2={**TE, "projection_dim": 64}))
 
 
 class UNetSpy:
@@ -390,7 +377,7 @@ def test_img2img_schedule_counts_from_the_first_step_run(sd):
 
 
 def test_inpainting_model_gets_c_concat_on_every_row():
-    model = _randomize(kuas.create("sd1-inpaint", **TINY))
+    model = randomize(kuas.create("sd1-inpaint", **TINY))
     picture = Image.new("RGB", (32, 32), (30, 60, 90))
     mask = Image.new("L", (32, 32), 0)
     mask.paste(255, (8, 8, 24, 24))

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import randomize
 
 import kuas
 from kuas.errors import InvalidInputError
@@ -24,23 +25,11 @@ TINY = {
 FAST = {"width": 64, "height": 64, "steps": 4, "watermark": False, "seed": 3}
 
 
-def _randomize(sd: kuas.StableDiffusion, seed: int = 1) -> kuas.StableDiffusion:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in sd.modules().values():
-            for name, p in module.named_parameters():
-                if p.ndim >= 2:
-                    p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()))
-                elif name.endswith("weight"):
-                    p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-                else:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return sd
 
 
 @pytest.fixture(scope="module")
 def sd():
-    return _randomize(kuas.create("sd1", **TINY))
+    return randomize(kuas.create("sd1", **TINY))
 
 
 def _pixels(image) -> np.ndarray:
@@ -120,7 +109,7 @@ def test_low_precision_unet_overflow_is_sampled_again_in_float32(sd, caplog):
     with torch.no_grad():
         sd.unet.to(torch.bfloat16).to(torch.float32)
     rounded = sd.txt2img("a blue square", **FAST)[0]
-    _randomize(sd)  # restore the module-scoped fixture's exact weights
+    randomize(sd)  # restore the module-scoped fixture's exact weights
     assert _pixels(image).tolist() == _pixels(rounded).tolist()
     assert _psnr(image, reference) > 20
 
