@@ -396,6 +396,18 @@ def test_world_dataset_splits_and_canonical_share():
     assert images.shape == (4, 3, 32, 32) and len(texts) == 4
 
 
+def test_world_dataset_kind_weights_set_the_mix():
+    default = WorldDataset("train", size=32, seed=0, length=10)
+    explicit = WorldDataset("train", size=32, seed=0, length=10, kind_weights=(4, 3.5, 2.5))  # normalised
+    assert [default.sample(i) for i in range(10)] == [explicit.sample(i) for i in range(10)]
+    counts = WorldDataset("train", size=32, seed=0, length=100, kind_weights=(0, 0, 1))
+    assert {counts.sample(i)[0].kind for i in range(100)} == {"count"}
+    mix = WorldDataset("train", size=32, seed=0, length=3000, kind_weights=[0.3, 0.35, 0.35])
+    kinds = [mix.sample(i)[0].kind for i in range(3000)]
+    shares = [kinds.count(k) / len(kinds) for k in ("single", "pair", "count")]
+    assert all(abs(a - b) < 0.03 for a, b in zip(shares, (0.3, 0.35, 0.35))), shares
+
+
 def test_world_dataset_rejects_bad_arguments():
     with pytest.raises(InvalidInputError):
         WorldDataset("val")
@@ -403,6 +415,9 @@ def test_world_dataset_rejects_bad_arguments():
         WorldDataset(length=0)
     with pytest.raises(InvalidInputError):
         WorldDataset(canonical_prob=2.0)
+    for bad in ((1, 1), (1, -1, 1), (0, 0, 0), (1, float("nan"), 1), "abc"):
+        with pytest.raises(InvalidInputError, match="kind weights"):
+            WorldDataset(kind_weights=bad)
 
 
 def test_rendered_image_is_a_pil_rgb_image():

@@ -35,10 +35,12 @@ class Item:
 class WorldSource:
     """Items of `kuas.world.WorldDataset` (train split by default)."""
 
-    def __init__(self, size: int = 128, seed: int = 0, split: str = "train", canonical_prob: float = 0.5):
+    def __init__(self, size: int = 128, seed: int = 0, split: str = "train", canonical_prob: float = 0.5,
+                 kind_weights: tuple[float, float, float] | None = None):
         from kuas.world import WorldDataset
 
-        self.dataset = WorldDataset(split=split, size=size, seed=seed, length=2**62, canonical_prob=canonical_prob)
+        self.dataset = WorldDataset(split=split, size=size, seed=seed, length=2**62, canonical_prob=canonical_prob,
+                                    kind_weights=kind_weights)
         self.size = size
 
     def item(self, index: int, *, image: bool = True) -> Item:
@@ -118,7 +120,8 @@ def make_source(spec: dict[str, Any]):
     kind = spec.get("kind", "world")
     if kind == "world":
         return WorldSource(size=int(spec.get("size", 128)), seed=int(spec.get("seed", 0)),
-                           canonical_prob=float(spec.get("canonical_prob", 0.5)))
+                           canonical_prob=float(spec.get("canonical_prob", 0.5)),
+                           kind_weights=spec.get("kind_weights"))
     if kind == "folder":
         return FolderSource(spec["path"], size=int(spec.get("size", 512)), seed=int(spec.get("seed", 0)))
     raise InvalidInputError(f"unknown data kind {kind!r}; use 'world' or 'folder'")
@@ -155,9 +158,17 @@ class LatentCache:
         return self.folder / f"latents-{k:05d}.safetensors"
 
     @torch.no_grad()
-    def build(self, vae, device: torch.device, rank: int = 0, world_size: int = 1, progress: bool = False) -> None:
+    def build(self, vae, device: torch.device, rank: int = 0, world_size: int = 1, progress: bool = False,
+              precision: str = "fp32") -> None:
+        """Encode the missing chunks (rank r takes chunks r, r + W, ...).
+
+        `precision="bf16"` encodes under bf16 autocast with channels_last activations: on CPUs with native
+        bf16 about 4x faster than fp32, and the latents (stored in fp16) differ by about 1% of their std.
+        """
         from kuas.checkpoints.safetensors_io import save_safetensors
 
+        if precision not in ("fp32", "bf16"):
+            raise InvalidInputError(f"latent cache precision must be fp32 or bf16, not {precision!r}")
         self.folder.mkdir(parents=True, exist_ok=True)
         chunks = [k for k in range(rank, -(-self.n // self.CHUNK), world_size) if not self._chunk_path(k).is_file()]
         it = chunks
@@ -170,7 +181,9 @@ class LatentCache:
             out = []
             for start in range(idx.start, idx.stop, 64):
                 images = torch.stack([self.source.item(i).image for i in range(start, min(idx.stop, start + 64))])
-                out.append(vae.encode(images.to(device)).mean.float().cpu())
+                images = images.to(device).contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    out.append(vae.encode(images).mean.float().cpu())
             save_safetensors(self._chunk_path(k), {"latents": torch.cat(out).half()}, {"first": str(idx.start)})
 
     def load(self) -> None:

@@ -34,6 +34,7 @@ from kuas.world.scene import (
     ObjSpec,
     Scene,
     SceneSpec,
+    normalize_kind_weights,
     sample_scene,
 )
 
@@ -57,6 +58,7 @@ __all__ = [
     "caption",
     "detect",
     "evaluate",
+    "normalize_kind_weights",
     "parse_caption",
     "render",
     "render_depth",
@@ -72,7 +74,8 @@ class WorldDataset:
 
     Item i depends only on (seed, i): its scene and caption come from a generator seeded with
     `[seed, i]`, so any position can be revisited or resumed. A share `canonical_prob` of captions is
-    the canonical form, the rest are varied templates. Works with `torch.utils.data.DataLoader`.
+    the canonical form, the rest are varied templates. `kind_weights` sets the shares of single, pair
+    and counting scenes when `kind` is None. Works with `torch.utils.data.DataLoader`.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class WorldDataset:
         *,
         kind: str | None = None,
         canonical_prob: float = 0.5,
+        kind_weights: tuple[float, float, float] | None = None,
     ):
         if split not in SPLITS:
             raise InvalidInputError(f"unknown split {split!r}; use 'train' or 'heldout'")
@@ -93,6 +97,7 @@ class WorldDataset:
             raise InvalidInputError(f"canonical_prob must be in [0, 1], got {canonical_prob}")
         self.split, self.size, self.seed, self.length = split, int(size), int(seed), int(length)
         self.kind, self.canonical_prob = kind, canonical_prob
+        self.kind_weights = normalize_kind_weights(kind_weights)
 
     def __len__(self) -> int:
         return self.length
@@ -103,7 +108,7 @@ class WorldDataset:
             raise IndexError(f"index {index} out of range for a WorldDataset of length {self.length}")
         index %= self.length
         rng = np.random.default_rng([self.seed, index])
-        scene = sample_scene(rng, split=self.split, kind=self.kind)
+        scene = sample_scene(rng, split=self.split, kind=self.kind, kind_weights=self.kind_weights)
         text = canonical_caption(scene) if rng.random() < self.canonical_prob else caption(scene, rng)
         return scene, text
 

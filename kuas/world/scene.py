@@ -81,7 +81,7 @@ _BORDER = 0.03  # min gap between an object's extent and the canvas edge
 _MIN_VISIBLE = 0.8  # pair scenes: min visible fraction of each object's area
 _CELL_MARGIN = 0.035  # pair/single scenes: min distance of the visible centroid from its cell's edges
 _COUNT_GAP = 0.035  # count scenes: min gap between the extents of two objects
-_KIND_WEIGHTS = (0.4, 0.35, 0.25)
+KIND_WEIGHTS = (0.4, 0.35, 0.25)  # default share of single / pair / count scenes
 _GRADIENT_PROB = 0.25
 
 
@@ -445,13 +445,34 @@ def _sample_count(rng: np.random.Generator, split: str) -> list[Obj]:
     return objs
 
 
+def normalize_kind_weights(weights) -> tuple[float, float, float]:
+    """Shares of single / pair / count scenes summing to 1 (`KIND_WEIGHTS` for None)."""
+    if weights is None:
+        return KIND_WEIGHTS
+    try:
+        w = tuple(float(v) for v in weights)
+    except (TypeError, ValueError):
+        w = ()
+    if len(w) != len(KINDS) or not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
+        raise InvalidInputError(
+            f"kind weights must be three non-negative numbers (single, pair, count) with a positive sum, "
+            f"not {weights!r}"
+        )
+    return tuple(v / sum(w) for v in w)
+
+
 def sample_scene(
-    rng: np.random.Generator | int | None = None, *, split: str = "train", kind: str | None = None
+    rng: np.random.Generator | int | None = None,
+    *,
+    split: str = "train",
+    kind: str | None = None,
+    kind_weights: tuple[float, float, float] | None = None,
 ) -> Scene:
     """A random scene, deterministic for a seed.
 
     `split="train"` never contains a `HELDOUT_PAIRS` combination; `split="heldout"` always contains at
-    least one. `kind` is "single", "pair" or "count" (None draws one: 40% / 35% / 25%).
+    least one. `kind` is "single", "pair" or "count"; None draws one with `kind_weights` (shares of
+    single / pair / count, default `KIND_WEIGHTS`: 40% / 35% / 25%).
     """
     if split not in SPLITS:
         raise InvalidInputError(f"unknown split {split!r}; use 'train' or 'heldout'")
@@ -459,7 +480,7 @@ def sample_scene(
         raise InvalidInputError(f"unknown scene kind {kind!r}; use one of {', '.join(KINDS)}")
     rng = make_rng(rng)
     if kind is None:
-        kind = KINDS[int(rng.choice(len(KINDS), p=_KIND_WEIGHTS))]
+        kind = KINDS[int(rng.choice(len(KINDS), p=normalize_kind_weights(kind_weights)))]
     if kind == "single":
         objs = _sample_single(rng, split)
     elif kind == "pair":
