@@ -51,17 +51,16 @@ SAMPLE_PROMPTS = [
 ]
 
 
-def _training_hours(run_dir: Path | None) -> float | None:
+def _training_hours(run_dir: Path | None) -> tuple[float | None, dict[str, float]]:
+    """Hours of training (every stage's loop over all sittings, plus encoding the latent cache), and seconds
+    per stage."""
     if run_dir is None:
-        return None
-    total = 0.0
-    for stage in ("vae", "text", "unet"):
-        log = run_dir / stage / "log.jsonl"
-        if log.is_file():
-            lines = log.read_text().splitlines()
-            if lines:
-                total += json.loads(lines[-1])["time"]
-    return total / 3600 if total else None
+        return None, {}
+    from kuas.training.stages import training_seconds
+
+    per_stage = training_seconds(run_dir)
+    total = sum(per_stage.values())
+    return (total / 3600 if total else None), per_stage
 
 
 def main() -> int:
@@ -120,7 +119,7 @@ def main() -> int:
 
     results = evaluate_adherence(generate, args.n, batch=16, out_dir=args.out, progress=True)
     mb = Path(args.model).stat().st_size / 1e6
-    hours = _training_hours(Path(args.run_dir)) if args.run_dir else None
+    hours, stage_seconds = _training_hours(Path(args.run_dir)) if args.run_dir else (None, {})
     count = [r for k, r in results.items() if k.endswith("count")]
     count_acc = statistics.mean(r["all_correct"] for r in count) if count else None
     bg_col = min(min(r["background"], r["color"]) for r in results.values())
@@ -146,12 +145,15 @@ def main() -> int:
     seen_ok = all(results[f"seen-{k}"]["all_correct"] >= results[f"heldout-{k}"]["all_correct"] - 0.02
                   for k in ("single", "pair"))
     print(f"\nseen combinations at least as good as held-out: {'yes' if seen_ok else 'NO'}")
+    if stage_seconds:
+        print("training seconds per stage (loop over all sittings + latent-cache encoding): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds.items()))
     if cli is not None:
         print(f"whole `kuas txt2img` command (start, import, load, generate, save): {cli:.2f} s")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(
         {"results": results, "seconds_per_image": per_image, "cli_seconds": cli, "weights_mb": mb,
-         "training_hours": hours}, indent=1))
+         "training_hours": hours, "training_seconds_per_stage": stage_seconds}, indent=1))
     return 0
 
 

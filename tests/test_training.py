@@ -174,6 +174,7 @@ def test_kuas_train_end_to_end_resumes_after_kill_9(tmp_path):
     recipe = tmp_path / "r.json"
     spec = json.loads(json.dumps(TINY_RECIPE))
     spec["stages"]["unet"]["loop"].update(steps=40, save_every=5, sample_every=20)
+    spec["stages"]["unet"].update(latent_cache=16, latent_cache_precision="bf16")
     recipe.write_text(json.dumps(spec))
     run = tmp_path / "run"
     args = ["train", "--recipe", str(recipe), "--out", str(run), "--threads", "1", "--no-progress"]
@@ -197,6 +198,12 @@ def test_kuas_train_end_to_end_resumes_after_kill_9(tmp_path):
     assert sd.family.name == "sd1" and sd.prediction == "v"
     assert sd.unet.config.model_channels == 16
     assert (run / "unet" / "samples").is_dir()
+    from kuas.training.stages import training_seconds
+
+    seconds = training_seconds(run)
+    assert set(seconds) == {"vae", "text", "unet"}
+    prep = json.loads((run / "unet" / "prep_time.json").read_text())["seconds"]  # encoding the latent cache
+    assert prep >= 0 and seconds["unet"] >= prep
 
 
 DDP_SCRIPT = r"""
@@ -205,13 +212,14 @@ torch.set_num_threads(1)
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_training import _toy_trainer
-from kuas.training.distributed import init_distributed
+from kuas.training.distributed import init_distributed, shutdown_distributed
 info = init_distributed(torch.device("cpu"))
 t = _toy_trainer(Path({run!r}), steps=4, batch=8)
 t.dist = info
 t.run(resume=False)
 if info.is_main:
     torch.save(t.modules["model"].state_dict(), {out!r})
+shutdown_distributed(info)
 """
 
 
@@ -284,3 +292,29 @@ def test_autoencoder_loss_weights_object_pixels():
     w = 1 + 4 * fg
     assert torch.allclose(a, err.mean(), atol=1e-6)
     assert torch.allclose(b, (err * w / w.mean()).mean(), atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_min_snr_weights_per_timestep(prediction, offset):
+    from kuas.sampling.schedules import sd_alphas_cumprod
+    from kuas.training.objectives import DenoisingObjective, per_sample_noise
+
+    ac = sd_alphas_cumprod()
+    obj = DenoisingObjective(ac, prediction=prediction, min_snr_gamma=5.0, snr_offset=offset)
+    plain = DenoisingObjective(ac, prediction=prediction, min_snr_gamma=None)
+    x0 = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def zero(x, t, **_):
+        return torch.zeros_like(x)
+
+    seeds = list(range(100, 106))
+    t, _ = per_sample_noise(seeds, (4, 8, 8), len(ac))
+    for k, s in enumerate(seeds):  # one sample at a time: the weight of its timestep
+        snr = float(ac[t[k]] / (1 - ac[t[k]]))
+        expected = min(snr + offset, 5.0) / (snr if prediction == "eps" else snr + 1)
+        got = obj.loss(zero, x0[k : k + 1], {}, [s]) / plain.loss(zero, x0[k : k + 1], {}, [s])
+        assert got.item() == pytest.approx(expected, rel=1e-5)
+    if prediction == "v" and offset == 1.0:  # the plain v loss wherever SNR + 1 <= gamma
+        weights = torch.minimum(torch.ones(()), 5.0 / (ac / (1 - ac) + 1))
+        assert (weights[ac / (1 - ac) <= 4.0] == 1).all() and weights[0] < 0.01

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from kuas.training.distributed import init_distributed
+    from kuas.training.distributed import init_distributed, shutdown_distributed
     from kuas.training.recipe import load_recipe
     from kuas.training.stages import run_all
 
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device("cuda", dist.local_rank)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     out = run_all(recipe, args.out, device=device, dist=dist, progress=not args.no_progress, stages=stages)
+    shutdown_distributed(dist)  # only after success: a failed rank must not wait for the others in a barrier
     if out and dist.is_main:
         print(out)
     return 0

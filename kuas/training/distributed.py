@@ -39,6 +39,18 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def shutdown_distributed(info: DistInfo) -> None:
+    """Leave the process group cleanly (all ranks together).
+
+    A process that exits with the group still open can abort in the C++ runtime at interpreter shutdown
+    ("terminate called without an active exception": the backend's worker threads are still joinable),
+    which torchrun reports as a failed rank even though the work is done.
+    """
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     """Replace each gradient by its mean over ranks (one flat all-reduce)."""
     if not info.enabled:

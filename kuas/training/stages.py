@@ -205,7 +205,8 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
         te.set_gradient_checkpointing(True)
     slot = sd.slots[0]
     objective = DenoisingObjective(sd_alphas_cumprod().to(device), prediction=recipe.prediction,
-                                   min_snr_gamma=opts.get("min_snr_gamma", 5.0))
+                                   min_snr_gamma=opts.get("min_snr_gamma", 5.0),
+                                   snr_offset=float(opts.get("snr_offset", 0.0)))
     cfg = recipe.loop("unet")
     p_drop = float(opts.get("cfg_dropout", 0.1))
 
@@ -214,8 +215,12 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
         from kuas.training.data import LatentCache
 
         cache = LatentCache(stage_dir / "latents", source, int(opts["latent_cache"]), seed=recipe.seed)
-        cache.build(vae, device, dist.rank, dist.world_size, progress=progress and dist.is_main)
+        t0 = time.time()
+        cache.build(vae, device, dist.rank, dist.world_size, progress=progress and dist.is_main,
+                    precision=opts.get("latent_cache_precision", "fp32"))
         barrier(dist)
+        if dist.is_main:
+            _add_prep_seconds(stage_dir, time.time() - t0)
         cache.load()
 
     def make_batch(indices):
@@ -256,6 +261,35 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
     if trainer.run() >= cfg.steps:
         _finish(trainer, stage_dir, trainable, {"latent_scale": str(scale)})
     barrier(dist)
+
+
+def _add_prep_seconds(stage_dir: Path, seconds: float) -> None:
+    """Add time spent outside the training loop (encoding the latent cache) to `prep_time.json`, summed over
+    sittings, so the reported training time covers it too."""
+    path = stage_dir / "prep_time.json"
+    total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"seconds": round(total + seconds, 1)}))
+    tmp.replace(path)
+
+
+def training_seconds(run_dir: str | Path) -> dict[str, float]:
+    """Seconds each stage of a run has trained so far (its loop, summed over sittings, plus preparation such as
+    encoding the latent cache), from the stage logs."""
+    out = {}
+    for stage in ("vae", "text", "unet"):
+        d = Path(run_dir) / stage
+        total = 0.0
+        log_file = d / "log.jsonl"
+        if log_file.is_file():
+            lines = log_file.read_text().splitlines()
+            if lines:
+                total += float(json.loads(lines[-1])["time"])
+        if (d / "prep_time.json").is_file():
+            total += float(json.loads((d / "prep_time.json").read_text())["seconds"])
+        if total:
+            out[stage] = total
+    return out
 
 
 def _scale_module_lr(trainer: Trainer, module: nn.Module, factor: float) -> None:
