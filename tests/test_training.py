@@ -318,3 +318,19 @@ def test_min_snr_weights_per_timestep(prediction, offset):
     if prediction == "v" and offset == 1.0:  # the plain v loss wherever SNR + 1 <= gamma
         weights = torch.minimum(torch.ones(()), 5.0 / (ac / (1 - ac) + 1))
         assert (weights[ac / (1 - ac) <= 4.0] == 1).all() and weights[0] < 0.01
+
+
+def test_text_head_targets_keep_occupancy_apart_from_shape():
+    from kuas.training.attributes import IGNORE, AttributeHead, scene_targets
+    from kuas.world import SHAPES, sample_scene
+
+    pair, count = sample_scene(5, kind="pair"), sample_scene(5, kind="count")
+    t = scene_targets([pair, count])
+    cells = [3 * o.cell[0] + o.cell[1] for o in pair.objects]
+    assert t["cell_occupied"][0].tolist() == [int(k in cells) for k in range(9)]
+    assert [t["cell_shape"][0, k].item() for k in cells] == [SHAPES.index(o.shape) for o in pair.objects]
+    assert (t["cell_shape"][0][t["cell_occupied"][0] == 0] == IGNORE).all()  # no shape asked of an empty cell
+    assert (t["cell_occupied"][1] == IGNORE).all() and t["count"][1].item() == len(count.objects) - 1
+    head = AttributeHead(32)
+    loss, acc = head.loss(torch.randn(2, 77, 32), t)
+    assert torch.isfinite(loss) and {"cell_occupied", "cell_shape", "count"} <= set(acc)
