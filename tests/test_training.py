@@ -320,17 +320,31 @@ def test_min_snr_weights_per_timestep(prediction, offset):
         assert (weights[ac / (1 - ac) <= 4.0] == 1).all() and weights[0] < 0.01
 
 
-def test_text_head_targets_keep_occupancy_apart_from_shape():
+def test_text_head_cell_target_layouts():
     from kuas.training.attributes import IGNORE, AttributeHead, scene_targets
     from kuas.world import SHAPES, sample_scene
 
     pair, count = sample_scene(5, kind="pair"), sample_scene(5, kind="count")
-    t = scene_targets([pair, count])
     cells = [3 * o.cell[0] + o.cell[1] for o in pair.objects]
+    shapes = [SHAPES.index(o.shape) for o in pair.objects]
+
+    # "occupancy": occupancy is its own target; no shape is asked of an empty cell
+    t = scene_targets([pair, count], "occupancy")
     assert t["cell_occupied"][0].tolist() == [int(k in cells) for k in range(9)]
-    assert [t["cell_shape"][0, k].item() for k in cells] == [SHAPES.index(o.shape) for o in pair.objects]
-    assert (t["cell_shape"][0][t["cell_occupied"][0] == 0] == IGNORE).all()  # no shape asked of an empty cell
+    assert [t["cell_shape"][0, k].item() for k in cells] == shapes
+    assert (t["cell_shape"][0][t["cell_occupied"][0] == 0] == IGNORE).all()
     assert (t["cell_occupied"][1] == IGNORE).all() and t["count"][1].item() == len(count.objects) - 1
-    head = AttributeHead(32)
+    head = AttributeHead(32, layout="occupancy")
     loss, acc = head.loss(torch.randn(2, 77, 32), t)
     assert torch.isfinite(loss) and {"cell_occupied", "cell_shape", "count"} <= set(acc)
+
+    # "shape_or_empty" (default, the shipped model's): shape class 0 means an empty cell
+    t = scene_targets([pair, count])
+    assert "cell_occupied" not in t
+    assert t["cell_shape"][0].tolist() == [shapes[cells.index(k)] + 1 if k in cells else 0 for k in range(9)]
+    assert (t["cell_shape"][1] == IGNORE).all()
+    loss, acc = AttributeHead(32).loss(torch.randn(2, 77, 32), t)
+    assert torch.isfinite(loss) and {"cell_shape", "count"} <= set(acc)
+
+    with pytest.raises(ValueError, match="cell target layout"):
+        scene_targets([pair], "nope")

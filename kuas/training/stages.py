@@ -137,14 +137,15 @@ def train_text(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
     sd = build_model(recipe)
     te = sd.text_encoder.to(device).train().requires_grad_(True)
     slot = sd.slots[0]
-    head = AttributeHead(te.config.width).to(device)
+    layout = recipe.stages["text"].get("cell_targets", "shape_or_empty")
+    head = AttributeHead(te.config.width, layout=layout).to(device)
     source = make_source({**recipe.data, "size": recipe.resolution})
     cfg = recipe.loop("text")
 
     def make_batch(indices):
         items = [source.item(i, image=False) for i in indices]
         tokens = sd.tokenizer([it.caption for it in items], pad_with=slot.spec.pad_with).to(device)
-        return tokens, scene_targets([it.scene for it in items])
+        return tokens, scene_targets([it.scene for it in items], layout)
 
     def compute_loss(batch, seeds):
         tokens, targets = batch
