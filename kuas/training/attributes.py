@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kuas.errors import InvalidInputError
 from kuas.world import COLORS, KINDS, SHAPES, SIZES
 from kuas.world.scene import BACKGROUND_STYLES
 
@@ -35,20 +36,22 @@ CELL_TARGET_LAYOUTS = {
     "shape_or_empty": [("shape", len(SHAPES) + 1), ("color", len(COLORS)), ("size", len(SIZES))],
     "occupancy": [("occupied", 2), ("shape", len(SHAPES)), ("color", len(COLORS)), ("size", len(SIZES))],
 }
+DEFAULT_CELL_TARGETS = "shape_or_empty"
 
 
 def _cell_targets(layout: str) -> list[tuple[str, int]]:
     if layout not in CELL_TARGET_LAYOUTS:
-        raise ValueError(f"unknown cell target layout {layout!r}: use one of {sorted(CELL_TARGET_LAYOUTS)}")
+        raise InvalidInputError(f"unknown cell target layout {layout!r} (recipe stages.text.cell_targets): "
+                                f"use one of {sorted(CELL_TARGET_LAYOUTS)}")
     return CELL_TARGET_LAYOUTS[layout]
 
 
-def scene_targets(scenes: list, layout: str = "shape_or_empty") -> dict[str, Tensor]:
+def scene_targets(scenes: list, layout: str = DEFAULT_CELL_TARGETS) -> dict[str, Tensor]:
     """Class indices per target for a batch of scenes (IGNORE where a caption does not say)."""
     b = len(scenes)
-    occupancy = layout == "occupancy"
     g = {name: torch.full((b,), IGNORE, dtype=torch.long) for name, _ in _GLOBAL_TARGETS}
     c = {name: torch.full((b, N_CELLS), IGNORE, dtype=torch.long) for name, _ in _cell_targets(layout)}
+    occupancy = "occupied" in c
     for i, s in enumerate(scenes):
         g["background"][i] = COLORS.index(s.background)
         g["style"][i] = BACKGROUND_STYLES.index(s.background_style)
@@ -75,7 +78,7 @@ def scene_targets(scenes: list, layout: str = "shape_or_empty") -> dict[str, Ten
 class AttributeHead(nn.Module):
     """Reads scene attributes from token states with one learned attention query per cell (+ 1 global)."""
 
-    def __init__(self, width: int, heads: int = 4, layout: str = "shape_or_empty"):
+    def __init__(self, width: int, heads: int = 4, layout: str = DEFAULT_CELL_TARGETS):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(N_CELLS + 1, width) * 0.02)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)

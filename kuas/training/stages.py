@@ -126,7 +126,7 @@ def _write_reconstructions(vae, source, path: Path, device, n: int = 8) -> None:
 
 
 def train_text(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool = True) -> None:
-    from kuas.training.attributes import AttributeHead, scene_targets
+    from kuas.training.attributes import DEFAULT_CELL_TARGETS, AttributeHead, scene_targets
 
     stage_dir = run_dir / "text"
     if _done(stage_dir) or "text" not in recipe.stages:
@@ -137,7 +137,7 @@ def train_text(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
     sd = build_model(recipe)
     te = sd.text_encoder.to(device).train().requires_grad_(True)
     slot = sd.slots[0]
-    layout = recipe.stages["text"].get("cell_targets", "shape_or_empty")
+    layout = recipe.stages["text"].get("cell_targets", DEFAULT_CELL_TARGETS)
     head = AttributeHead(te.config.width, layout=layout).to(device)
     source = make_source({**recipe.data, "size": recipe.resolution})
     cfg = recipe.loop("text")
