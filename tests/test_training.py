@@ -220,6 +220,11 @@ t.run(resume=False)
 if info.is_main:
     torch.save(t.modules["model"].state_dict(), {out!r})
 shutdown_distributed(info)
+# About 1 run in 12 on a loaded 2-core machine, a rank still aborts in interpreter teardown, after
+# destroy_process_group ("terminate called without an active exception"; not reproduced without the
+# Trainer). This test is about the weights, so the ranks leave without the teardown; the abort is open.
+sys.stdout.flush(); sys.stderr.flush()
+import os; os._exit(0)
 """
 
 
