@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from kuas.training.distributed import init_distributed, shutdown_distributed
+    from kuas.training.distributed import exit_rank, init_distributed, shutdown_distributed
     from kuas.training.recipe import load_recipe
     from kuas.training.stages import run_all
 
@@ -44,4 +44,6 @@ def run(args: argparse.Namespace) -> int:
     shutdown_distributed(dist)  # only after success: a failed rank must not wait for the others in a barrier
     if out and dist.is_main:
         print(out)
+    if dist.enabled:
+        exit_rank(0)  # skips the interpreter teardown, where gloo's threads can abort the process
     return 0
