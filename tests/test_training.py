@@ -89,6 +89,25 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert times == sorted(times)  # training time adds up over sittings
 
 
+def test_optimizer_is_fused_and_resumes_a_checkpoint_of_the_unfused_kind(tmp_path, monkeypatch):
+    full = _toy_trainer(tmp_path / "full", steps=4)
+    assert all(g["fused"] for g in full.optimizer.param_groups)  # this torch has the CPU kernel
+    full.run()
+    import kuas.training.loop as loop
+
+    with monkeypatch.context() as m:  # an older run: the per-tensor AdamW
+        m.setattr(loop, "_adamw", lambda groups, **kw: torch.optim.AdamW(groups, **kw))
+        old = _toy_trainer(tmp_path / "part", steps=2)
+        assert not any(g["fused"] for g in old.optimizer.param_groups)
+        old.run()
+    resumed = _toy_trainer(tmp_path / "part", steps=4)
+    assert resumed.resume() and resumed.step == 2
+    assert all(g["fused"] for g in resumed.optimizer.param_groups)
+    resumed.run()
+    a, b = _weights(full), _weights(resumed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_grad_accumulation_equals_the_full_batch(tmp_path):
     a = _toy_trainer(tmp_path / "a", steps=3)
     b = _toy_trainer(tmp_path / "b", steps=3, accum=4)

@@ -80,6 +80,16 @@ def sample_seed(run_seed: int, index: int) -> int:
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
+def _adamw(groups: list[dict], *, lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW, with the fused kernel where this torch has one for the parameters' device: one pass over each
+    tensor instead of about ten elementwise ops (on this project's CPU 4% of a built-in U-Net step, 0.11 s
+    against 0.025 s of 1.9 s). The update is the same; a checkpoint saved by either kind resumes in both."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # older torch or a device without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
 class Trainer:
     """Runs one training stage; see the module docstring for the contract."""
 
@@ -116,7 +126,7 @@ class Trainer:
         decay, no_decay = [], []
         for p in self.params:
             (decay if p.ndim >= 2 else no_decay).append(p)
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = _adamw(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
             betas=cfg.betas,
@@ -158,7 +168,14 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for n, m in self.modules.items():
             m.load_state_dict(state["modules"][n])
+        fused = [g.get("fused") for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, f in zip(self.optimizer.param_groups, fused):  # the saved run may have used the other kind
+            group["fused"] = f
+            for p in group["params"] if f else ():
+                st = self.optimizer.state.get(p, {})
+                if "step" in st:  # the fused kernel keeps the step count on the parameters' device
+                    st["step"] = st["step"].to(p.device, torch.float32)
         self.scheduler.load_state_dict(state["scheduler"])
         for n, e in self.emas.items():
             e.load_state_dict(state["ema"][n])
