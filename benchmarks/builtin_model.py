@@ -70,6 +70,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg-scale", type=float, default=None, help="default: the model's recommended scale")
     ap.add_argument("--sampler", default=None, help="default: the model's recommended sampler")
+    ap.add_argument("--scheduler", default=None, help="noise schedule, e.g. Karras (default: the sampler's)")
     ap.add_argument("--run-dir", default=None, help="training run directory, to report the training time")
     ap.add_argument("--out", default="outputs/builtin-benchmark", help="reports and grids")
     ap.add_argument("--threads", type=int, default=None)
@@ -89,6 +90,8 @@ def main() -> int:
         settings["cfg_scale"] = args.cfg_scale
     if args.sampler is not None:
         settings["sampler"] = args.sampler
+    if args.scheduler is not None:
+        settings["scheduler"] = args.scheduler
 
     def generate(prompts, seed):
         return sd.txt2img(prompts, seed=seed, batch_size=len(prompts), width=size, height=size, **settings)
