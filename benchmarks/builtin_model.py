@@ -73,17 +73,15 @@ def main() -> int:
     ap.add_argument("--scheduler", default=None, help="noise schedule, e.g. Karras (default: the sampler's)")
     ap.add_argument("--run-dir", default=None, help="training run directory, to report the training time")
     ap.add_argument("--out", default="outputs/builtin-benchmark", help="reports and grids")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: one per physical core)")
     ap.add_argument("--quick", action="store_true", help="skip the CLI timing")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     import kuas
     from kuas.images.io import save_png
     from kuas.training.evaluation import evaluate_adherence, format_table
 
-    sd = kuas.load(args.model)
+    sd = kuas.load(args.model, threads=args.threads)  # None: one thread per physical core
     size = sd.resolution
     settings = {"steps": args.steps}
     if args.cfg_scale is not None:
