@@ -5,12 +5,12 @@
 For each text encoder (a whole model file, or a run's `text/weights.safetensors` stage file, whose recipe
 is the run's `recipe.json`), a fresh attention head (`kuas.training.attributes.AttributeHead`, the
 "occupancy" layout) is trained for a few hundred steps on the frozen token states of two-object training
-captions, then scored on held-out two-object captions: for each of the nine grid cells, is it occupied,
-and where it is, which shape, colour and size. A fresh reader that learns fast is what the U-Net's
+captions, then scored on held-out two-object captions: for each of the nine grid cells whether it is
+occupied and, where it is, which shape, colour and size. A fresh reader that learns fast is what the U-Net's
 cross-attention is when its training starts, so the encoders whose states read well here are the ones the
 U-Net can bind with (the shipped model, builtin4 and builtin5 of docs/builtin-experiments.md rank the
-same by this probe as by their two-object all-correct rates). The head, data order and held-out captions are seeded:
-the same files give the same numbers.
+same by this probe as by their two-object all-correct rates). The head, data order and held-out captions
+are seeded: the same files give the same numbers.
 """
 
 from __future__ import annotations
@@ -31,17 +31,14 @@ def load_text_model(path: Path):
 
     if path.name != "weights.safetensors":
         return kuas.load(path, threads=torch.get_num_threads())
-    from kuas.checkpoints.safetensors_io import read_safetensors
     from kuas.training.recipe import load_recipe
-    from kuas.training.stages import build_model
+    from kuas.training.stages import _load_weights, build_model
 
     recipe_file = path.parent.parent / "recipe.json"
     if not recipe_file.is_file():
         raise SystemExit(f"{path} is a stage file but {recipe_file} (its run's recipe) is missing")
     sd = build_model(load_recipe(str(recipe_file)))
-    weights = read_safetensors(path)
-    prefix = "text_encoder."
-    sd.text_encoder.load_state_dict({k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)})
+    _load_weights(path.parent, "text_encoder", sd.text_encoder)
     return sd
 
 
