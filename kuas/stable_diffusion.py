@@ -366,7 +366,9 @@ class StableDiffusion:
             value = json.loads(self.metadata.get(DEFAULTS_KEY, "{}"))
         except ValueError:
             return {}
-        allowed = ("steps", "cfg_scale", "sampler", "scheduler", "clip_skip", "guidance_rescale", "eta")
+        allowed = (
+            "steps", "cfg_scale", "sampler", "scheduler", "clip_skip", "guidance_rescale", "skip_early_cfg", "eta"
+        )
         return {k: v for k, v in value.items() if k in allowed} if isinstance(value, dict) else {}
 
     def txt2img(self, prompt: str | list[str], **kwargs: Any):

@@ -242,12 +242,14 @@ def test_request_mapping_of_kuas_fields():
             "Sampler": "Euler",
             "Seed": 1,
             "Guidance rescale": 0.7,
+            "Skip Early CFG": 0.25,
             "Emphasis": "No norm",
             "Outpaint": "left 64 right 0 top 8 bottom 0",
         },
     )
     request = infotext_to_request(text)
     assert request["guidance_rescale"] == 0.7
+    assert request["skip_early_cfg"] == 0.25
     assert request["emphasis"] == "No norm"
     assert (request["left"], request["right"], request["top"], request["bottom"]) == (64, 0, 8, 0)
     with pytest.raises(InvalidInputError, match="Outpaint"):

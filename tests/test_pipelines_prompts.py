@@ -417,6 +417,30 @@ def test_lcm_and_guidance_rescale_with_prompt_syntax(sd):
     assert not _same(base, rescaled)
 
 
+def test_skip_early_cfg_in_pipelines_and_infotext(sd):
+    with UNetSpy(sd) as spy:
+        skipped = sd.txt2img("a red ball", seed=13, skip_early_cfg=0.5, **FAST)[0]
+    # 4 steps: steps 0, 1, 2 (2 / 4 <= 0.5) without the negative prompt, step 3 with it
+    assert [c.context.shape[0] for c in spy.calls] == [1, 1, 1, 2]
+    assert parse_infotext(skipped.info["parameters"]).fields["Skip Early CFG"] == "0.5"
+    base = sd.txt2img("a red ball", seed=13, **FAST)[0]
+    assert "Skip Early CFG" not in base.info["parameters"] and not _same(base, skipped)
+    picture = Image.new("RGB", (S, S), (200, 100, 50))
+    with UNetSpy(sd) as spy:
+        sd.img2img("a red ball", picture, seed=2, strength=0.5, skip_early_cfg=0.5, **FAST)
+    assert [c.context.shape[0] for c in spy.calls] == [1, 1]  # 2 steps run: 0 / 2 and 1 / 2 <= 0.5
+    with pytest.raises(InvalidInputError, match="skip_early_cfg"):
+        sd.txt2img("a red ball", skip_early_cfg=2.0, **FAST)
+    from kuas.cli import generate
+
+    parser = argparse.ArgumentParser()
+    generate.register(parser.add_subparsers())
+    args = parser.parse_args(["txt2img", "x", "--skip-early-cfg", "0.2"])
+    assert generate.build_request(args)["skip_early_cfg"] == 0.2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["txt2img", "x", "--skip-early-cfg", "1.5"])
+
+
 def test_outpaint_reads_the_prompt_language(sd):
     picture = Image.new("RGB", (32, 32), (200, 100, 50))
     with UNetSpy(sd) as spy:

@@ -563,6 +563,32 @@ def test_one_batch_and_per_sample_extras(sd1):
     assert [c["context"].shape[1] for c in spy.calls] == [77, 154]  # A1111's default: two passes
 
 
+def test_skip_early_cfg_turns_guidance_off_on_the_first_fraction_of_steps(sd1):
+    """A1111's rule: no uncond pass (the conditional x0 alone) on steps i with i / steps <= fraction."""
+    inner = EpsDenoiser(sd1.unet, DiscreteSchedule.sd())
+    c, u = sd1.encode_prompt(["a red cat", "a dog"]), sd1.encode_prompt(["blurry", ""])
+    guided = CFGDenoiser(inner, {"context": c.context}, {"context": u.context}, 7.0)
+    plain = CFGDenoiser(inner, {"context": c.context}, None, 1.0)
+    x = _noise(2)
+    spy = Spy(sd1)
+    denoiser = prompt_denoiser(sd1, EpsDenoiser(spy, DiscreteSchedule.sd()), ["a red cat", "a dog"],
+                               ["blurry", ""], steps=5, cfg_scale=7.0, sigmas=SIGMAS, skip_early_cfg=0.4)
+    for step, sigma in enumerate(SIGMAS[:5].tolist()):  # steps 0, 1, 2 (2 / 5 <= 0.4) are unguided
+        spy.calls.clear()
+        ref = plain if step <= 2 else guided
+        assert torch.equal(denoiser(x, sigma), ref(x, sigma)), step
+        assert spy.calls[0]["x"].shape[0] == (2 if step <= 2 else 4)  # the uncond rows are not computed
+    # images of one batch at different steps: each gets its own rule
+    mixed = denoiser(x, torch.tensor([6.0, 1.2]))
+    assert torch.equal(mixed[:1], plain(x, 6.0)[:1])
+    assert torch.allclose(mixed[1:], guided(x, 1.2)[1:], atol=1e-5)
+    off = prompt_denoiser(sd1, inner, ["a red cat", "a dog"], ["blurry", ""], steps=5, cfg_scale=7.0,
+                          sigmas=SIGMAS, skip_early_cfg=0.0)
+    assert torch.equal(off(x, 14.6), guided(x, 14.6))
+    with pytest.raises(InvalidInputError, match="skip early CFG must be a fraction"):
+        prompt_denoiser(sd1, inner, ["a"], [""], steps=5, cfg_scale=7.0, sigmas=SIGMAS, skip_early_cfg=1.5)
+
+
 def test_denoiser_input_errors(sd1):
     inner = EpsDenoiser(sd1.unet, DiscreteSchedule.sd())
     batch = PromptBatch.build(sd1, ["a"], None, steps=5)

@@ -217,6 +217,13 @@ OPTIONS: tuple[Option, ...] = (
         ("--guidance-rescale",), "guidance_rescale", "CFG rescale phi, 0 to 1 (default 0)", type=_fraction
     ),
     Option(
+        ("--skip-early-cfg",),
+        "skip_early_cfg",
+        "no guidance on this first fraction of the steps, 0 to 1 (A1111's 'Skip Early CFG'; default 0: "
+        "guide every step)",
+        type=_fraction,
+    ),
+    Option(
         ("--emphasis",),
         "emphasis",
         "A1111's emphasis mode for (word:1.2) weights: Original (default; weights, then the mean restored), "

@@ -240,6 +240,7 @@ _SIMPLE_FIELDS: dict[str, tuple[str, Any]] = {
     "Tiling": ("tiling", _as_bool),
     "Eta": ("eta", _as_float),
     "Guidance rescale": ("guidance_rescale", _as_float),
+    "Skip Early CFG": ("skip_early_cfg", _as_float),
     "Mask blur": ("mask_blur", _as_int),
     "Masked area padding": ("inpaint_full_res_padding", _as_int),
     "Hires upscale": ("hr_scale", _as_float),

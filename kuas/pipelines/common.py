@@ -281,6 +281,7 @@ def guided_denoiser(
         sigmas=sigmas,
         clip_skip=request.clip_skip,
         guidance_rescale=request.guidance_rescale,
+        skip_early_cfg=request.skip_early_cfg,
         emphasis=request.emphasis,
         embeddings=embeddings,
         hires_steps=hires_steps,
@@ -790,6 +791,7 @@ def infotext_fields(
         "Tiling": True if request.tiling else None,
         "Eta": float(request.eta) if request.eta is not None and _accepts(spec.function, "eta") else None,
         "Guidance rescale": float(request.guidance_rescale) if request.guidance_rescale > 0 else None,
+        "Skip Early CFG": float(request.skip_early_cfg) if request.skip_early_cfg > 0 else None,
         "Emphasis": request.emphasis if request.emphasis != "Original" else None,  # as A1111 writes it
         "Token merging ratio": float(request.tome_ratio) if request.tome_ratio > 0 else None,  # A1111's name
         "DeepCache interval": request.deepcache_interval if request.deepcache_interval > 1 else None,

@@ -190,6 +190,7 @@ class Request:
     batch_count: int = 1
     clip_skip: int = 1
     guidance_rescale: float = 0.0
+    skip_early_cfg: float = 0.0
     eta: float | None = None
     tiling: bool = False
     vae_tiling: bool | None = None
@@ -226,6 +227,7 @@ class Request:
             )
         _check_int("clip_skip", self.clip_skip, 1, 48)
         _check_float("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
+        _check_float("skip_early_cfg", self.skip_early_cfg, 0.0, 1.0)
         if self.eta is not None:
             _check_float("eta", self.eta, 0.0)
         for name in ("tiling", "watermark"):

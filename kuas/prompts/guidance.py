@@ -10,8 +10,12 @@ inner model (cond rows first, image by image, then one uncond row per image) and
 (A1111's ``combine_denoised``). With ``cfg_scale == 1`` the negative prompts are not evaluated; as in
 A1111 the first AND part then stands in for them, so a plain prompt returns its conditional prediction.
 Guidance rescale is ``kuas.sampling.guidance.rescale_guidance`` against the conditional prediction (for an
-image with several AND parts, their combination at scale 1). A plain prompt (one part, weight 1, at most
-75 tokens, no syntax) gives exactly what ``CFGDenoiser`` gives with ``sd.encode_prompt``.
+image with several AND parts, their combination at scale 1). ``skip_early_cfg`` (A1111's "Ignore negative
+prompt during early sampling", infotext ``Skip Early CFG``) turns guidance off, as at ``cfg_scale == 1``,
+on the sampler steps ``i`` with ``i / steps <= skip_early_cfg`` (0 = off): the guidance-interval idea of
+Kynkaanniemi et al. 2024, where guidance at the highest noise levels pushes layouts (how many objects,
+where) away from the unconditional model's without making them more faithful. A plain prompt (one part,
+weight 1, at most 75 tokens, no syntax) gives exactly what ``CFGDenoiser`` gives with ``sd.encode_prompt``.
 
 Step index (A1111 counts denoiser calls; kuas counts sampler steps, from sigma): call ``i`` of a sampling
 run over ``sigmas`` (the list the sampler gets, ending in 0) is step ``i`` when its sigma lies in
@@ -145,6 +149,7 @@ class PromptGuidedDenoiser:
         *,
         sigmas: Tensor | Sequence[float],
         guidance_rescale: float = 0.0,
+        skip_early_cfg: float = 0.0,
         cond_kwargs: Mapping[str, Any] | None = None,
         uncond_kwargs: Mapping[str, Any] | None = None,
         vector: VectorFn | None = None,
@@ -157,6 +162,11 @@ class PromptGuidedDenoiser:
             raise InvalidInputError(f"cfg_scale must be a finite number, got {cfg_scale}")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise InvalidInputError(f"guidance rescale must be between 0 and 1, got {guidance_rescale}")
+        skip_early_cfg = float(skip_early_cfg)
+        if not 0.0 <= skip_early_cfg <= 1.0:
+            raise InvalidInputError(
+                f"skip early CFG must be a fraction of the steps between 0 (off) and 1, got {skip_early_cfg}"
+            )
         if cfg_scale != 1.0 and not batch.has_uncond:
             raise InvalidInputError(
                 f"cfg_scale {cfg_scale} needs negative prompts: build the PromptBatch with negative_prompts "
@@ -180,6 +190,7 @@ class PromptGuidedDenoiser:
         self.batch = batch
         self.scale = cfg_scale
         self.rescale = float(guidance_rescale)
+        self.skip_early_cfg = skip_early_cfg
         self.cond_kwargs = cond_kwargs
         self.uncond_kwargs = uncond_kwargs
         self.vector = vector
@@ -202,6 +213,10 @@ class PromptGuidedDenoiser:
     def steps_for(self, sigma: Tensor) -> list[int]:
         """The sampler step of each image for a (batch,) sigma."""
         return [self._find_step(float(s)) for s in sigma.detach().cpu().tolist()]
+
+    def _unguided(self, step: int) -> bool:
+        """Whether sampler step `step` runs without guidance (``skip_early_cfg``)."""
+        return self.skip_early_cfg > 0 and step / max(self._find_step.steps, 1) <= self.skip_early_cfg
 
     def conditioning(self, sigma: Tensor) -> StepConditioning:
         """What the U-Net gets at this sigma (for inspection and tests)."""
@@ -230,7 +245,9 @@ class PromptGuidedDenoiser:
             raise InvalidInputError(
                 f"the latents hold {images} images but the prompt batch has {len(self.batch)} prompts"
             )
-        step = self.conditioning(sigma)
+        step_indices = self.steps_for(sigma)
+        step = self.batch.at_step(step_indices)
+        unguided = [self._unguided(i) for i in step_indices]
         cond_rows = torch.tensor(
             [image for image, parts in enumerate(step.cond_parts) for _ in parts], dtype=torch.long
         )
@@ -241,7 +258,7 @@ class PromptGuidedDenoiser:
         x_cond, sigma_cond = x[cond_rows.to(x.device)], sigma[cond_rows.to(sigma.device)]
         single = n_cond == images  # every image has exactly one AND part
 
-        if self.scale == 1.0:
+        if self.scale == 1.0 or all(unguided):
             out = self.inner(x_cond, sigma_cond, **cond, **extra)
             if single:
                 return out
@@ -265,6 +282,11 @@ class PromptGuidedDenoiser:
             x0_cond = self.inner(x_cond, sigma_cond, **cond, **extra)
             x0_uncond = self.inner(x, sigma, **uncond, **extra)
         guided = self._combine(x0_cond, x0_uncond, step, self.scale)
+        if any(unguided):  # images of one batch at different steps (not from the built-in samplers)
+            first_rows = torch.tensor([parts[0][0] for parts in step.cond_parts], device=x0_cond.device)
+            plain = self._combine(x0_cond, x0_cond[first_rows], step, 1.0)
+            mask = torch.tensor(unguided, device=guided.device).view(-1, *[1] * (guided.ndim - 1))
+            guided = torch.where(mask, plain, guided)
         if self.rescale == 0.0:
             return guided
         if single:
@@ -313,6 +335,7 @@ def prompt_denoiser(
     sigmas: Tensor | Sequence[float],
     clip_skip: int = 1,
     guidance_rescale: float = 0.0,
+    skip_early_cfg: float = 0.0,
     emphasis: str = "Original",
     embeddings: EmbeddingRegistry | None = None,
     hires_steps: int | None = None,
@@ -376,6 +399,7 @@ def prompt_denoiser(
         cfg_scale,
         sigmas=sigmas,
         guidance_rescale=guidance_rescale,
+        skip_early_cfg=skip_early_cfg,
         cond_kwargs=cond_kwargs,
         uncond_kwargs=uncond_kwargs,
         vector=vector,
