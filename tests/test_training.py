@@ -290,6 +290,41 @@ def test_latent_cache_matches_encoding_and_rewords_captions(tmp_path):
     assert len({x[1] for x in same_scene}) > 1  # ... with different wording
 
 
+@pytest.mark.parametrize("echo", [1, 2])
+def test_vae_data_echo_renders_each_scene_once_per_group(tmp_path, monkeypatch, echo):
+    """`data_echo` k: k consecutive steps crop the same rendered scenes (each with its own crop)."""
+    import copy
+
+    from kuas.training import stages
+    from kuas.training.data import WorldSource
+    from kuas.training.distributed import DistInfo
+    from kuas.training.recipe import Recipe
+
+    spec = copy.deepcopy(TINY_RECIPE)
+    spec["resolution"] = 64
+    spec["stages"]["vae"].update(crop=32, data_echo=echo, loss={"foreground_weight": 5.0})
+    rendered, batches = [], []
+    item = WorldSource.item
+    monkeypatch.setattr(WorldSource, "item", lambda self, i, **kw: rendered.append(i) or item(self, i, **kw))
+    loss = stages.AutoencoderObjective.loss
+
+    def spy(self, vae, images, seeds, fg=None):
+        batches.append((images, fg))
+        return loss(self, vae, images, seeds, fg)
+
+    monkeypatch.setattr(stages.AutoencoderObjective, "loss", spy)
+    stages.train_vae(Recipe(**spec), tmp_path, dist=DistInfo(), device=torch.device("cpu"), progress=False)
+    training = [i for i in rendered if i < 10_000_000]  # not the reconstruction samples
+    assert training == list(range(16 // echo))  # 4 steps x 4 images, rendered once per group of `echo` steps
+    assert [b[0].shape for b in batches] == [(4, 3, 32, 32)] * 4 and batches[0][1].shape == (4, 1, 32, 32)
+    assert not torch.equal(batches[0][0], batches[1][0])  # other scenes (echo 1) or other crops (echo 2)
+    from kuas.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="data_echo must be an integer >= 1"):
+        spec["stages"]["vae"]["data_echo"] = 0
+        stages.train_vae(Recipe(**spec), tmp_path / "bad", dist=DistInfo(), device=torch.device("cpu"))
+
+
 def test_autoencoder_loss_weights_object_pixels():
     from kuas.models.vae import AutoencoderKL, VAEConfig
     from kuas.training.objectives import AutoencoderObjective
