@@ -71,6 +71,8 @@ def main() -> int:
     ap.add_argument("--cfg-scale", type=float, default=None, help="default: the model's recommended scale")
     ap.add_argument("--sampler", default=None, help="default: the model's recommended sampler")
     ap.add_argument("--scheduler", default=None, help="noise schedule, e.g. Karras (default: the sampler's)")
+    ap.add_argument("--skip-early-cfg", type=float, default=None,
+                    help="no guidance on this first fraction of the steps (default: the model's recommendation)")
     ap.add_argument("--run-dir", default=None, help="training run directory, to report the training time")
     ap.add_argument("--out", default="outputs/builtin-benchmark", help="reports and grids")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: one per physical core)")
@@ -90,6 +92,8 @@ def main() -> int:
         settings["sampler"] = args.sampler
     if args.scheduler is not None:
         settings["scheduler"] = args.scheduler
+    if args.skip_early_cfg is not None:
+        settings["skip_early_cfg"] = args.skip_early_cfg
 
     def generate(prompts, seed):
         return sd.txt2img(prompts, seed=seed, batch_size=len(prompts), width=size, height=size, **settings)

@@ -65,6 +65,11 @@ class TextEncoderSlot:
 class StableDiffusion:
     """A Stable Diffusion model: networks plus what the family says about using them."""
 
+    # generation settings a model file may recommend (metadata `kuas.defaults`)
+    DEFAULT_SETTINGS = (
+        "steps", "cfg_scale", "sampler", "scheduler", "clip_skip", "guidance_rescale", "skip_early_cfg", "eta"
+    )
+
     def __init__(
         self,
         family: Family,
@@ -366,9 +371,7 @@ class StableDiffusion:
             value = json.loads(self.metadata.get(DEFAULTS_KEY, "{}"))
         except ValueError:
             return {}
-        allowed = (
-            "steps", "cfg_scale", "sampler", "scheduler", "clip_skip", "guidance_rescale", "skip_early_cfg", "eta"
-        )
+        allowed = self.DEFAULT_SETTINGS
         return {k: v for k, v in value.items() if k in allowed} if isinstance(value, dict) else {}
 
     def txt2img(self, prompt: str | list[str], **kwargs: Any):

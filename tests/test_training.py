@@ -325,6 +325,17 @@ def test_vae_data_echo_renders_each_scene_once_per_group(tmp_path, monkeypatch, 
         stages.train_vae(Recipe(**spec), tmp_path / "bad", dist=DistInfo(), device=torch.device("cpu"))
 
 
+def test_recipe_sample_settings_reach_evaluation_and_model_defaults():
+    from kuas.training.recipe import Recipe
+    from kuas.training.stages import SAMPLE_SETTINGS, sample_settings
+
+    recipe = Recipe(name="r", sample={"cfg_scale": 3.0, "skip_early_cfg": 0.2, "unknown": 1})
+    assert sample_settings(recipe) == {"steps": 20, "cfg_scale": 3.0, "sampler": "Euler", "skip_early_cfg": 0.2}
+    from kuas.stable_diffusion import StableDiffusion
+
+    assert set(SAMPLE_SETTINGS) <= set(StableDiffusion.DEFAULT_SETTINGS)
+
+
 def test_autoencoder_loss_weights_object_pixels():
     from kuas.models.vae import AutoencoderKL, VAEConfig
     from kuas.training.objectives import AutoencoderObjective

@@ -330,25 +330,34 @@ def _scale_module_lr(trainer: Trainer, module: nn.Module, factor: float) -> None
 # Sampling during training and the final assembly
 
 
+# What a recipe's "sample" may set: the generation settings of its grids and evaluations, and the
+# recommended settings (metadata `kuas.defaults`) of the model it makes.
+SAMPLE_SETTINGS = ("steps", "cfg_scale", "sampler", "scheduler", "skip_early_cfg")
+
+
+def sample_settings(recipe: Recipe) -> dict:
+    """The recipe's generation settings, with the built-in defaults (Euler, 20 steps, CFG 4)."""
+    return {"steps": 20, "cfg_scale": 4.0, "sampler": "Euler",
+            **{k: v for k, v in recipe.sample.items() if k in SAMPLE_SETTINGS}}
+
+
 @torch.no_grad()
-def generate(sd, prompts: list[str], *, seed: int = 0, steps: int = 20, cfg_scale: float = 4.0,
-             sampler: str = "Euler", size: int | None = None) -> list:
-    """Images for `prompts` with the current weights (image i from seed + i), through the txt2img pipeline."""
+def generate(sd, prompts: list[str], *, seed: int = 0, size: int | None = None, **settings) -> list:
+    """Images for `prompts` with the current weights (image i from seed + i), through the txt2img pipeline;
+    `settings` are txt2img's (steps, cfg_scale, sampler, ...)."""
     size = size or sd.resolution
-    return sd.txt2img(list(prompts), seed=seed, steps=steps, cfg_scale=cfg_scale, sampler=sampler, width=size,
-                      height=size, batch_size=len(prompts), watermark=False)
+    return sd.txt2img(list(prompts), seed=seed, width=size, height=size, batch_size=len(prompts), watermark=False,
+                      **settings)
 
 
 def _log_adherence(sd, recipe: Recipe, step: int, stage_dir: Path, n: int) -> None:
     """Held-out and seen prompt adherence of the current (EMA) weights, appended to eval.jsonl."""
     from kuas.training.evaluation import SETS, evaluate_adherence
 
-    opts = recipe.sample
+    settings = sample_settings(recipe)
 
     def gen(prompts, seed):
-        return generate(sd, prompts, seed=seed, steps=int(opts.get("steps", 20)),
-                        cfg_scale=float(opts.get("cfg_scale", 4.0)), sampler=opts.get("sampler", "Euler"),
-                        size=recipe.resolution)
+        return generate(sd, prompts, seed=seed, size=recipe.resolution, **settings)
 
     results = evaluate_adherence(gen, n, sets=SETS[:3] + SETS[4:5])
     with open(stage_dir / "eval.jsonl", "a") as f:
@@ -359,10 +368,7 @@ def _log_adherence(sd, recipe: Recipe, step: int, stage_dir: Path, n: int) -> No
 def write_sample_grid(sd, recipe: Recipe, path: Path) -> None:
     from PIL import Image
 
-    opts = recipe.sample
-    images = generate(sd, recipe.sample_prompts, steps=int(opts.get("steps", 20)),
-                      cfg_scale=float(opts.get("cfg_scale", 4.0)), sampler=opts.get("sampler", "Euler"),
-                      size=recipe.resolution)
+    images = generate(sd, recipe.sample_prompts, size=recipe.resolution, **sample_settings(recipe))
     n = len(images)
     cols = min(n, 8)
     rows = (n + cols - 1) // cols
@@ -409,7 +415,7 @@ def run_all(recipe: Recipe, run_dir: str | Path, *, device: str | torch.device =
     out = run_dir / "model.safetensors"
     if dist.is_main:
         sd = assemble(recipe, run_dir)
-        defaults = {k: v for k, v in recipe.sample.items() if k in ("steps", "cfg_scale", "sampler")}
+        defaults = {k: v for k, v in recipe.sample.items() if k in SAMPLE_SETTINGS}
         sd.save(out, dtype=torch.float16, metadata={"modelspec.title": recipe.name,
                                                     "modelspec.description": recipe.description,
                                                     "kuas.defaults": json.dumps(defaults),
