@@ -371,8 +371,7 @@ class StableDiffusion:
             value = json.loads(self.metadata.get(DEFAULTS_KEY, "{}"))
         except ValueError:
             return {}
-        allowed = self.DEFAULT_SETTINGS
-        return {k: v for k, v in value.items() if k in allowed} if isinstance(value, dict) else {}
+        return {k: v for k, v in value.items() if k in self.DEFAULT_SETTINGS} if isinstance(value, dict) else {}
 
     def txt2img(self, prompt: str | list[str], **kwargs: Any):
         from kuas.pipelines.txt2img import txt2img

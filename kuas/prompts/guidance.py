@@ -260,10 +260,7 @@ class PromptGuidedDenoiser:
 
         if self.scale == 1.0 or all(unguided):
             out = self.inner(x_cond, sigma_cond, **cond, **extra)
-            if single:
-                return out
-            first_rows = torch.tensor([parts[0][0] for parts in step.cond_parts], device=out.device)
-            return self._combine(out, out[first_rows], step, 1.0)
+            return out if single else self._unguided_combination(out, step)
 
         image_rows = torch.arange(images)
         uncond = self._side(
@@ -283,8 +280,7 @@ class PromptGuidedDenoiser:
             x0_uncond = self.inner(x, sigma, **uncond, **extra)
         guided = self._combine(x0_cond, x0_uncond, step, self.scale)
         if any(unguided):  # images of one batch at different steps (not from the built-in samplers)
-            first_rows = torch.tensor([parts[0][0] for parts in step.cond_parts], device=x0_cond.device)
-            plain = self._combine(x0_cond, x0_cond[first_rows], step, 1.0)
+            plain = self._unguided_combination(x0_cond, step)
             mask = torch.tensor(unguided, device=guided.device).view(-1, *[1] * (guided.ndim - 1))
             guided = torch.where(mask, plain, guided)
         if self.rescale == 0.0:
@@ -310,6 +306,11 @@ class PromptGuidedDenoiser:
         for row, weight in parts:
             result = result + (x0_cond[row] - uncond) * (weight * scale)
         return result
+
+    def _unguided_combination(self, x0_cond: Tensor, step: StepConditioning) -> Tensor:
+        """Each image's AND parts at scale 1, its first part standing in for the negative prompt (A1111)."""
+        first_rows = torch.tensor([parts[0][0] for parts in step.cond_parts], device=x0_cond.device)
+        return self._combine(x0_cond, x0_cond[first_rows], step, 1.0)
 
     def _combine(self, x0_cond: Tensor, x0_uncond: Tensor, step: StepConditioning, scale: float) -> Tensor:
         if len(step.cond_parts) == x0_cond.shape[0] and all(
