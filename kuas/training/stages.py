@@ -223,9 +223,13 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
         unet.gradient_checkpointing = True
         te.set_gradient_checkpointing(True)
     slot = sd.slots[0]
-    objective = DenoisingObjective(sd_alphas_cumprod().to(device), prediction=recipe.prediction,
-                                   min_snr_gamma=opts.get("min_snr_gamma", 5.0),
-                                   snr_offset=float(opts.get("snr_offset", 0.0)))
+    try:
+        objective = DenoisingObjective(sd_alphas_cumprod().to(device), prediction=recipe.prediction,
+                                       min_snr_gamma=opts.get("min_snr_gamma", 5.0),
+                                       snr_offset=float(opts.get("snr_offset", 0.0)),
+                                       timestep_sampling=opts.get("timestep_sampling", "uniform"))
+    except ValueError as e:
+        raise InvalidInputError(f"recipe {recipe.name!r}, stage 'unet': {e}") from None
     cfg = recipe.loop("unet")
     p_drop = float(opts.get("cfg_dropout", 0.1))
 
