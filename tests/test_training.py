@@ -325,6 +325,24 @@ def test_vae_data_echo_renders_each_scene_once_per_group(tmp_path, monkeypatch, 
         stages.train_vae(Recipe(**spec), tmp_path / "bad", dist=DistInfo(), device=torch.device("cpu"))
 
 
+def test_recipe_refuses_unknown_stages_and_settings(tmp_path):
+    from kuas.errors import InvalidInputError
+    from kuas.training.recipe import load_recipe
+
+    good = dict(TINY_RECIPE, stages={**TINY_RECIPE["stages"], "unet": {**TINY_RECIPE["stages"]["unet"], "timestep_importance": 0.5}})
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    assert load_recipe(tmp_path / "good.json").stage_options("unet")["timestep_importance"] == 0.5
+    typo = dict(TINY_RECIPE, stages={**TINY_RECIPE["stages"], "unet": {**TINY_RECIPE["stages"]["unet"], "timestep_sampling": "x"}})
+    (tmp_path / "typo.json").write_text(json.dumps(typo))
+    with pytest.raises(InvalidInputError, match=r"stage 'unet': unknown setting\(s\) 'timestep_sampling'; known: loop, "):
+        load_recipe(tmp_path / "typo.json")
+    extra = dict(TINY_RECIPE, stages={**TINY_RECIPE["stages"], "vea": {}})
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    with pytest.raises(InvalidInputError, match="unknown stage 'vea'; stages are vae, text, unet"):
+        load_recipe(tmp_path / "extra.json")
+    load_recipe("builtin")  # the shipped recipe uses only known settings
+
+
 def test_recipe_sample_settings_reach_evaluation_and_model_defaults():
     from kuas.training.recipe import Recipe
     from kuas.training.stages import SAMPLE_SETTINGS, sample_settings

@@ -19,6 +19,15 @@ from kuas.training.loop import LoopConfig
 
 STAGES = ("vae", "text", "unet")
 
+# The settings each stage reads besides "loop" (kuas.training.stages). A recipe naming anything else is
+# refused, so a misspelt option cannot silently train with the default.
+STAGE_OPTIONS = {
+    "vae": ("crop", "loss", "data_echo", "gradient_checkpointing"),
+    "text": ("cell_targets",),
+    "unet": ("cfg_dropout", "min_snr_gamma", "snr_offset", "timestep_importance", "text_lr_scale",
+             "gradient_checkpointing", "eval_every", "eval_n", "latent_cache", "latent_cache_precision"),
+}
+
 
 @dataclass
 class Recipe:
@@ -35,6 +44,20 @@ class Recipe:
     sample_prompts: list[str] = field(default_factory=list)
     sample: dict[str, Any] = field(default_factory=dict)  # steps, cfg_scale, sampler for grids/evaluation
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stages, dict):
+            raise InvalidInputError(f"recipe {self.name!r}: 'stages' must be an object with keys among {STAGES}")
+        for stage, spec in self.stages.items():
+            if stage not in STAGE_OPTIONS:
+                raise InvalidInputError(f"recipe {self.name!r}: unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+            if not isinstance(spec, dict):
+                raise InvalidInputError(f"recipe {self.name!r}, stage {stage!r}: settings must be an object")
+            unknown = sorted(set(spec) - {"loop", *STAGE_OPTIONS[stage]})
+            if unknown:
+                raise InvalidInputError(
+                    f"recipe {self.name!r}, stage {stage!r}: unknown setting(s) {', '.join(map(repr, unknown))}; "
+                    f"known: loop, {', '.join(STAGE_OPTIONS[stage])}")
 
     def loop(self, stage: str) -> LoopConfig:
         spec = dict(self.stages.get(stage, {}).get("loop", {}))
