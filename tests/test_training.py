@@ -329,17 +329,19 @@ def test_recipe_refuses_unknown_stages_and_settings(tmp_path):
     from kuas.errors import InvalidInputError
     from kuas.training.recipe import load_recipe
 
-    good = dict(TINY_RECIPE, stages={**TINY_RECIPE["stages"], "unet": {**TINY_RECIPE["stages"]["unet"], "timestep_importance": 0.5}})
-    (tmp_path / "good.json").write_text(json.dumps(good))
-    assert load_recipe(tmp_path / "good.json").stage_options("unet")["timestep_importance"] == 0.5
-    typo = dict(TINY_RECIPE, stages={**TINY_RECIPE["stages"], "unet": {**TINY_RECIPE["stages"]["unet"], "timestep_sampling": "x"}})
-    (tmp_path / "typo.json").write_text(json.dumps(typo))
+    def recipe_file(name, **stages):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(dict(TINY_RECIPE, stages={**TINY_RECIPE["stages"], **stages})))
+        return path
+
+    unet = TINY_RECIPE["stages"]["unet"]
+    good = recipe_file("good", unet={**unet, "timestep_importance": 0.5})
+    assert load_recipe(good).stage_options("unet")["timestep_importance"] == 0.5
+    typo = recipe_file("typo", unet={**unet, "timestep_sampling": "x"})
     with pytest.raises(InvalidInputError, match=r"stage 'unet': unknown setting\(s\) 'timestep_sampling'; known: loop, "):
-        load_recipe(tmp_path / "typo.json")
-    extra = dict(TINY_RECIPE, stages={**TINY_RECIPE["stages"], "vea": {}})
-    (tmp_path / "extra.json").write_text(json.dumps(extra))
+        load_recipe(typo)
     with pytest.raises(InvalidInputError, match="unknown stage 'vea'; stages are vae, text, unet"):
-        load_recipe(tmp_path / "extra.json")
+        load_recipe(recipe_file("extra", vea={}))
     load_recipe("builtin")  # the shipped recipe uses only known settings
 
 
@@ -406,8 +408,8 @@ def test_min_snr_weights_per_timestep(prediction, offset):
 
 @pytest.mark.parametrize("prediction,share", [("eps", 1.0), ("v", 1.0), ("v", 0.5)])
 def test_importance_sampled_timesteps_keep_the_expected_loss(prediction, share):
-    """Timesteps drawn by their min-SNR weight, loss unweighted x mean weight: the same expectation as
-    uniform timesteps with weights, and less spread from batch to batch."""
+    """A share of timesteps drawn by their min-SNR weight, each sample's weight divided by its timestep's
+    probability relative to uniform: the same expectation as uniform timesteps, less spread between batches."""
     from kuas.sampling.schedules import sd_alphas_cumprod
     from kuas.training.objectives import DenoisingObjective, per_sample_noise
 

@@ -87,22 +87,25 @@ class DenoisingObjective:
             raise ValueError(f"timestep_importance must be in [0, 1], not {self.timestep_importance!r}")
         if self.timestep_importance > 0 and self.min_snr_gamma is None:
             raise ValueError("timestep_importance draws timesteps by their min-SNR weight: set min_snr_gamma too")
-
-    def timestep_probs(self) -> Tensor | None:
-        """Each timestep's probability of being drawn (float64), or None for uniform."""
-        if self.timestep_importance == 0:
-            return None
-        w = self.timestep_weights()
-        return (1 - self.timestep_importance) / len(w) + self.timestep_importance * w / w.sum()
+        # both depend only on the settings: computed once, not at every training step
+        self._weights: Tensor | None = None
+        if self.min_snr_gamma is not None:
+            a = self.alphas_cumprod.double().cpu()
+            snr = a / (1 - a)
+            clipped = (snr + self.snr_offset).clamp(max=self.min_snr_gamma)
+            self._weights = clipped / snr if self.prediction == "eps" else clipped / (snr + 1)
+        self._probs: Tensor | None = None
+        if self.timestep_importance > 0:
+            w = self._weights
+            self._probs = (1 - self.timestep_importance) / len(w) + self.timestep_importance * w / w.sum()
 
     def timestep_weights(self) -> Tensor | None:
         """The loss weight of every timestep (float64), or None for the plain mean squared error."""
-        if self.min_snr_gamma is None:
-            return None
-        a = self.alphas_cumprod.double().cpu()
-        snr = a / (1 - a)
-        clipped = (snr + self.snr_offset).clamp(max=self.min_snr_gamma)
-        return clipped / snr if self.prediction == "eps" else clipped / (snr + 1)
+        return self._weights
+
+    def timestep_probs(self) -> Tensor | None:
+        """Each timestep's probability of being drawn (float64), or None for uniform."""
+        return self._probs
 
     def loss(
         self,
@@ -111,7 +114,7 @@ class DenoisingObjective:
         cond: dict[str, Tensor],
         seeds: list[int],
     ) -> Tensor:
-        weights, probs = self.timestep_weights(), self.timestep_probs()
+        weights, probs = self._weights, self._probs
         t, noise = per_sample_noise(seeds, tuple(x0.shape[1:]), len(self.alphas_cumprod), t_probs=probs)
         t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
         a = self.alphas_cumprod.to(x0.device)[t].float().view(-1, *([1] * (x0.ndim - 1)))
