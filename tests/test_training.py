@@ -325,6 +325,44 @@ def test_vae_data_echo_renders_each_scene_once_per_group(tmp_path, monkeypatch, 
         stages.train_vae(Recipe(**spec), tmp_path / "bad", dist=DistInfo(), device=torch.device("cpu"))
 
 
+def test_unet_stage_channels_last_trains_the_same_weights(tmp_path, monkeypatch):
+    """`channels_last` changes the memory layout only: NHWC weights and latents reach the U-Net, and the
+    trained weights equal the default layout's to float rounding."""
+    import copy
+    import shutil
+
+    from kuas.checkpoints.safetensors_io import read_safetensors
+    from kuas.training import stages
+    from kuas.training.distributed import DistInfo
+    from kuas.training.recipe import Recipe
+
+    spec = copy.deepcopy(TINY_RECIPE)
+    spec["sample_prompts"] = []
+    spec["stages"]["unet"]["loop"].update(steps=3, save_every=0)
+    cpu = torch.device("cpu")
+    stages.train_vae(Recipe(**spec), tmp_path / "base", dist=DistInfo(), device=cpu, progress=False)
+    layouts = []
+    forward = stages.DenoisingObjective.loss
+
+    def spy(self, unet, latents, cond, seeds):
+        layouts.append((latents.is_contiguous(memory_format=torch.channels_last),
+                        unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)))
+        return forward(self, unet, latents, cond, seeds)
+
+    monkeypatch.setattr(stages.DenoisingObjective, "loss", spy)
+    weights = {}
+    for flag in (False, True):
+        run = tmp_path / f"run-{flag}"
+        shutil.copytree(tmp_path / "base", run)
+        spec["stages"]["unet"]["channels_last"] = flag
+        stages.train_unet(Recipe(**spec), run, dist=DistInfo(), device=cpu, progress=False)
+        weights[flag] = read_safetensors(run / "unet" / "weights.safetensors")
+    assert layouts == [(False, False)] * 3 + [(True, True)] * 3
+    assert weights[False].keys() == weights[True].keys()
+    for k, v in weights[False].items():
+        assert torch.allclose(v, weights[True][k], atol=1e-5, rtol=1e-4), k
+
+
 def test_recipe_refuses_unknown_stages_and_settings(tmp_path):
     from kuas.errors import InvalidInputError
     from kuas.training.recipe import load_recipe
