@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from kuas.checkpoints.families import UNET_PREFIX, VAE_PREFIX, Family, TextEncoderSpec, get_family
 from kuas.checkpoints.metadata import KUAS_CONFIG_KEY
+from kuas.checkpoints.state_dict import ZTSNR_MARKER_KEY
 
 DEFAULTS_KEY = "kuas.defaults"  # metadata: recommended generation settings (JSON)
 from kuas.errors import InvalidInputError
@@ -30,6 +31,7 @@ from kuas.models.clip import CLIPTextConfig, CLIPTextModel, OpenCLIPTextModel
 from kuas.models.unet import UNetConfig, UNetModel, sdxl_vector_conditioning
 from kuas.models.vae import AutoencoderKL, VAEConfig
 from kuas.runtime import RuntimePolicy
+from kuas.sampling.schedules import DiscreteSchedule
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class StableDiffusion:
         text_encoders: Mapping[str, nn.Module],
         *,
         prediction: str | None = None,
+        zero_terminal_snr: bool = False,
         text_layers: Mapping[str, tuple[int, bool]] | None = None,
         path: str | os.PathLike | None = None,
         metadata: Mapping[str, str] | None = None,
@@ -93,6 +96,8 @@ class StableDiffusion:
         self.prediction = prediction or family.prediction
         if self.prediction not in ("eps", "v"):
             raise InvalidInputError(f"prediction must be 'eps' or 'v', not {self.prediction!r}")
+        # trained on the zero-terminal-SNR schedule (Lin et al. 2024): it must be sampled on it too
+        self.zero_terminal_snr = bool(zero_terminal_snr)
         self.slots: list[TextEncoderSlot] = []
         for spec in family.text_encoders:
             layer, final_norm = (text_layers or {}).get(spec.name, (spec.layer, spec.final_norm))
@@ -148,6 +153,11 @@ class StableDiffusion:
     def vae_scale(self) -> int:
         """Pixels per latent pixel (8 for every official model)."""
         return self.vae.config.downsample_factor
+
+    @property
+    def schedule(self) -> DiscreteSchedule:
+        """The noise schedule the model was trained on: SD's, or SD's rescaled to zero terminal SNR."""
+        return DiscreteSchedule.sd(zero_terminal_snr=self.zero_terminal_snr)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"unet": self.unet, "vae": self.vae, **self.text_encoders}
@@ -330,6 +340,7 @@ class StableDiffusion:
         return {
             "family": self.family.name,
             "prediction": self.prediction,
+            **({"zero_terminal_snr": True} if self.zero_terminal_snr else {}),
             "latent_scale": self.vae.scale_factor,
             "unet": self.unet.config.to_dict(),
             "vae": self.vae.config.to_dict(),
@@ -353,6 +364,8 @@ class StableDiffusion:
         tensors = self.state_dict()
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        if self.zero_terminal_snr:  # the marker key other tools (ComfyUI, A1111 forks) look for
+            tensors[ZTSNR_MARKER_KEY] = torch.zeros(0)
         meta = modelspec_metadata(
             self.family, prediction=self.prediction, title=Path(path).stem, resolution=self.resolution
         )
@@ -419,6 +432,7 @@ def create(
     text_encoder: CLIPTextConfig | Mapping[str, Any] | None = None,
     text_encoder_2: CLIPTextConfig | Mapping[str, Any] | None = None,
     prediction: str | None = None,
+    zero_terminal_snr: bool = False,
     latent_scale: float | None = None,
     resolution: int | None = None,
     dtype: torch.dtype | None = None,
@@ -460,7 +474,8 @@ def create(
             torch.manual_seed(seed + 2 + i)
             encoders[s.name] = build_text_encoder(s, te_configs[s.name], **factory)
     metadata = {"modelspec.resolution": f"{resolution}x{resolution}"} if resolution else None
-    sd = StableDiffusion(fam, unet_model, vae_model, encoders, prediction=prediction, metadata=metadata)
+    sd = StableDiffusion(fam, unet_model, vae_model, encoders, prediction=prediction,
+                         zero_terminal_snr=zero_terminal_snr, metadata=metadata)
     return sd.eval()
 
 
@@ -521,7 +536,7 @@ def load(
     log.debug("%s: family %s, prediction %s (%s); runtime %s", path, a.family.name, a.prediction,
               a.prediction_source, runtime.describe())
     sd = StableDiffusion(a.family, unet, vae_model, encoders, prediction=a.prediction,
-                         text_layers=a.contents.text_layers, path=path if os.path.isfile(path) else None,
+                         zero_terminal_snr=a.contents.zero_terminal_snr, text_layers=a.contents.text_layers, path=path if os.path.isfile(path) else None,
                          metadata=a.contents.metadata, runtime=runtime)
     if vae is not None:
         sd.vae = load_vae(vae, dtype=runtime.vae_dtype, device=home, scale_factor=sd.vae.scale_factor)

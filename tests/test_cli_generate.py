@@ -78,6 +78,7 @@ def files_in(folder) -> list[str]:
         (["--subseed-strength", "1.5"], "between 0 and 1"),
         (["--hr-scale", "0"], "above 0"),
         (["--dtype", "float8"], "invalid choice"),
+        (["--noise-schedule", "zsnr"], "not one of: Default, Zero Terminal SNR"),
     ],
 )
 def test_bad_values_stop_argparse(cli, tmp_path, tiny_model, no_loading, extra, message):
@@ -224,6 +225,11 @@ def test_only_given_options_reach_the_pipeline():
     assert generate.build_request(
         parse("inpaint", "x", "-i", "a", "--mask", "b", "--inpainting-fill", "0")
     ) == {"prompt": "x", "inpainting_fill": "fill"}
+    assert generate.build_request(parse("txt2img", "x", "--noise-schedule", "zero terminal snr")) == {
+        "prompt": "x", "noise_schedule": "Zero Terminal SNR"}
+    from kuas.sampling.schedules import NOISE_SCHEDULES
+
+    assert generate.NOISE_SCHEDULES == NOISE_SCHEDULES  # the CLI keeps its own copy (no torch at parse time)
 
 
 def test_from_infotext_fills_and_options_override(tmp_path):

@@ -54,7 +54,7 @@ def test_info_cli_on_a_file(tmp_path, capsys):
     path = sd.save(tmp_path / "tiny.safetensors", dtype=torch.float16)
     assert main(["info", str(path), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["family"] == "sd1" and d["resolution"] == 256
+    assert d["family"] == "sd1" and d["resolution"] == 256 and d["noise_schedule"] == "Default"
     assert d["dtypes"] == {"float16": len(sd.state_dict())}
     assert d["parameters"]["unet"] == sum(p.numel() for p in sd.unet.parameters())
     assert main(["info", str(path)]) == 0

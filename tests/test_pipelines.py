@@ -28,7 +28,7 @@ from kuas.pipelines.common import (
 )
 from kuas.pipelines.inpaint import blur_mask, crop_region, expand_region
 from kuas.pipelines.outpaint import padded_extents
-from kuas.pipelines.types import MAX_PIXELS, MAX_SIDE
+from kuas.pipelines.types import MAX_PIXELS, MAX_SIDE, Txt2ImgRequest
 from kuas.sampling.registry import sampler_names
 from kuas.sampling.samplers import SamplingInterrupted
 
@@ -671,3 +671,32 @@ def test_other_families_generate(family):
         cond_b, _ = common.text_conditioning(model, ["x"], None, clip_skip=1, width=64, height=32)
         assert cond_a["y"].shape == (1, model.unet.config.adm_in_channels)
         assert not torch.equal(cond_a["y"], cond_b["y"])
+
+
+def test_noise_schedule_zero_terminal_snr(sd, picture):
+    """A1111's "Noise schedule for sampling": a zero-terminal-SNR model samples on its own schedule unless told
+    otherwise; the choice reaches the infotext ("Noise Schedule") and comes back from it."""
+    zt_model = copy.copy(sd)
+    zt_model.zero_terminal_snr = True
+    default = sd.txt2img("a red ball", seed=3, **FAST)[0]
+    forced = sd.txt2img("a red ball", seed=3, noise_schedule="Zero Terminal SNR", **FAST)[0]
+    own = zt_model.txt2img("a red ball", seed=3, **FAST)[0]
+    back = zt_model.txt2img("a red ball", seed=3, noise_schedule="Default", **FAST)[0]
+    assert np.array_equal(np.asarray(forced), np.asarray(own))
+    assert np.array_equal(np.asarray(default), np.asarray(back))
+    assert not np.array_equal(np.asarray(default), np.asarray(own))
+    assert "Noise Schedule" not in default.info["parameters"] and "Noise Schedule" not in back.info["parameters"]
+    assert parse_infotext(own.info["parameters"]).fields["Noise Schedule"] == "Zero Terminal SNR"
+    request = infotext_to_request(forced.info["parameters"])
+    assert request["noise_schedule"] == "Zero Terminal SNR"
+    # the first step starts from the rescaled schedule's largest sigma (about 4518.76 instead of 14.61)
+    seen = []
+    zt_model.txt2img("a red ball", seed=3, callback=lambda i, n, x: seen.append(float(x.abs().max())), **FAST)
+    assert len(seen) == FAST["steps"] and all(np.isfinite(seen))
+    request = Txt2ImgRequest(**FAST)
+    picked = common.sampling_sigmas(zt_model, request, *request.sampler_spec(), 3)
+    assert float(picked[0]) == pytest.approx(4518.76, abs=0.05)
+    img = zt_model.img2img("a red ball", picture, seed=3, strength=0.5, **FAST)[0]
+    assert parse_infotext(img.info["parameters"]).fields["Noise Schedule"] == "Zero Terminal SNR"
+    with pytest.raises(InvalidInputError, match="noise_schedule must be one of"):
+        sd.txt2img("a red ball", noise_schedule="zsnr", **FAST)

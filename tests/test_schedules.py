@@ -35,6 +35,29 @@ def test_sd_alphas_cumprod_match_diffusers():
     assert torch.allclose(K.sd_alphas_cumprod().float(), ref, rtol=1e-5, atol=1e-7)
 
 
+def test_zero_terminal_snr_rescale_matches_diffusers_and_a1111():
+    """Lin et al.'s Algorithm 1: the first alpha_cumprod kept, the last one (almost) 0, as diffusers
+    computes it; A1111 and ComfyUI keep the last at 4.897e-8 so that sigma_max is finite (about 4518.76)."""
+    pytest.importorskip("diffusers")
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as ref_rescale
+
+    ref = torch.cumprod(1 - ref_rescale(K.scaled_linear_betas().float()), dim=0)
+    ours = K.rescale_zero_terminal_snr(K.sd_alphas_cumprod())
+    assert ours.dtype == torch.float64 and ours.shape == (1000,)
+    assert torch.allclose(ours[:-1].float(), ref[:-1], rtol=1e-4, atol=1e-7)
+    assert float(ref[-1]) == 0.0 and float(ours[-1]) == K.ZTSNR_LAST_ALPHA_CUMPROD
+    assert float(ours[0]) == pytest.approx(float(K.sd_alphas_cumprod()[0]), rel=1e-12)
+    assert bool((ours[1:] < ours[:-1]).all())  # still a noising schedule
+    exact = K.rescale_zero_terminal_snr(K.sd_alphas_cumprod(), last=0.0)
+    assert float(exact[-1]) == 0.0 and torch.equal(exact[:-1], ours[:-1])
+    zt = K.DiscreteSchedule.sd(zero_terminal_snr=True)
+    assert zt.sigma_max == pytest.approx(4518.76, abs=0.05)
+    assert zt.sigma_min == pytest.approx(K.DiscreteSchedule.sd().sigma_min, rel=1e-3)
+    # every sampler's sigma list starts from the rescaled schedule's end
+    sigmas = R.sigmas_for("Euler", "automatic", 20, zt)
+    assert float(sigmas[0]) == pytest.approx(zt.sigma_max, rel=1e-5) and float(sigmas[-1]) == 0.0
+
+
 def test_sigma_to_t_inverts_t_to_sigma(sd):
     t = torch.rand(500, generator=torch.Generator().manual_seed(0)) * 999
     assert torch.allclose(sd.sigma_to_t(sd.t_to_sigma(t)), t, atol=2e-3)

@@ -72,6 +72,42 @@ def test_sd2_prediction_resolution(tmp_path):
     assert kuas.load(bare).family.name == "sd2-v"
 
 
+def test_zero_terminal_snr_models_keep_their_schedule(tmp_path):
+    """A model trained on the zero-terminal-SNR schedule says so in its file (kuas metadata and the "ztsnr"
+    marker key), and is sampled on that schedule after loading; a community file's "v_pred" / "ztsnr"
+    marker keys (ComfyUI's convention) are read too."""
+    from kuas.checkpoints.safetensors_io import read_safetensors, save_safetensors
+    from kuas.pipelines.common import sampling_sigmas
+    from kuas.sampling.registry import resolve_sampler
+
+    sd = kuas.create("sd1", prediction="v", zero_terminal_snr=True, **TINY)
+    assert sd.zero_terminal_snr and sd.schedule.sigma_max == pytest.approx(4518.76, abs=0.05)
+    path = sd.save(tmp_path / "zt.safetensors")
+    tensors = read_safetensors(path)
+    assert "ztsnr" in tensors and tensors["ztsnr"].numel() == 0
+    back = kuas.load(path, dtype=torch.float32)
+    assert back.zero_terminal_snr and back.prediction == "v"
+    from kuas.checkpoints.info import describe
+
+    assert describe(path)["noise_schedule"] == "Zero Terminal SNR"
+    spec = resolve_sampler("Euler")[0]
+    assert float(sampling_sigmas(back, spec, "automatic", 20)[0]) == pytest.approx(4518.76, abs=0.05)
+    plain = kuas.load(tiny("sd1").save(tmp_path / "plain.safetensors"))
+    assert not plain.zero_terminal_snr
+    assert float(sampling_sigmas(plain, spec, "automatic", 20)[0]) == pytest.approx(14.6146, abs=1e-3)
+
+    # an SDXL file without kuas metadata, marked the way v-prediction / ZTSNR community models are
+    xl = tmp_path / "xl.safetensors"
+    save_safetensors(xl, {**dict(read_safetensors(tiny("sdxl").save(tmp_path / "x0.safetensors"))),
+                          "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, {})
+    marked = kuas.load(xl)
+    assert marked.family.name == "sdxl" and marked.prediction == "v" and marked.zero_terminal_snr
+    with pytest.raises(InvalidInputError, match="zero_terminal_snr"):
+        from kuas.training.recipe import Recipe
+
+        Recipe(name="r", prediction="eps", zero_terminal_snr=True)
+
+
 def test_detection_errors(tmp_path):
     with pytest.raises(CheckpointError, match="InstructPix2Pix"):
         detect_family(["cond_stage_model.transformer.text_model.x"], 8)

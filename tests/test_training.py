@@ -363,6 +363,34 @@ def test_unet_stage_channels_last_trains_the_same_weights(tmp_path, monkeypatch)
         assert torch.allclose(v, weights[True][k], atol=1e-5, rtol=1e-4), k
 
 
+def test_zero_terminal_snr_recipe_trains_on_the_rescaled_schedule_and_says_so(tmp_path, monkeypatch):
+    import copy
+
+    import kuas
+    from kuas.sampling.schedules import ZTSNR_LAST_ALPHA_CUMPROD
+    from kuas.training import stages
+    from kuas.training.recipe import Recipe
+
+    spec = copy.deepcopy(TINY_RECIPE)
+    spec["zero_terminal_snr"] = True
+    spec["sample_prompts"] = []
+    del spec["stages"]["text"]
+    spec["stages"]["unet"]["loop"].update(steps=2, save_every=0)
+    spec["stages"]["vae"]["loop"].update(steps=1, save_every=0)
+    seen = []
+    loss = stages.DenoisingObjective.loss
+
+    def spy(self, *args, **kwargs):
+        seen.append(float(self.alphas_cumprod[-1]))
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(stages.DenoisingObjective, "loss", spy)
+    out = stages.run_all(Recipe(**spec), tmp_path, progress=False, stages=("vae", "unet"))
+    assert seen == [ZTSNR_LAST_ALPHA_CUMPROD] * 2  # SD's own schedule ends at 0.0047
+    sd = kuas.load(out)
+    assert sd.zero_terminal_snr and sd.prediction == "v"
+
+
 def test_recipe_refuses_unknown_stages_and_settings(tmp_path):
     from kuas.errors import InvalidInputError
     from kuas.training.recipe import load_recipe

@@ -31,6 +31,7 @@ from kuas.checkpoints.families import (
     get_family,
 )
 from kuas.checkpoints.metadata import KUAS_CONFIG_KEY, prediction_from_metadata
+from kuas.checkpoints.state_dict import V_PRED_MARKER_KEY, ZTSNR_MARKER_KEY
 from kuas.errors import CheckpointError
 from kuas.models.clip import CLIPTextConfig, infer_clip_config, infer_openclip_config
 from kuas.models.unet import UNetConfig, infer_unet_config
@@ -53,6 +54,7 @@ class CheckpointContents:
     prediction: str | None = None  # what the source itself says, if anything
     prediction_source: str = ""
     has_ema: bool = False
+    zero_terminal_snr: bool = False  # trained on (so to be sampled on) the zero-terminal-SNR schedule
 
 
 @dataclass
@@ -97,6 +99,9 @@ def _read_single_file(path, fmt: str, *, header_only: bool) -> CheckpointContent
     has_ema = any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates") for k in raw)
     weights = ema_state_dict(raw) if has_ema and not header_only else raw
     contents = CheckpointContents(os.fspath(path), fmt, weights, dict(metadata), has_ema=has_ema)
+    if V_PRED_MARKER_KEY in weights:
+        contents.prediction, contents.prediction_source = "v", f"{V_PRED_MARKER_KEY!r} marker key"
+    contents.zero_terminal_snr = ZTSNR_MARKER_KEY in weights
     text = metadata.get(KUAS_CONFIG_KEY)
     if text:  # kuas' own files: the exact configs (heads and norm groups are not in the shapes)
         try:
@@ -109,6 +114,7 @@ def _read_single_file(path, fmt: str, *, header_only: bool) -> CheckpointContent
             contents.latent_scale = float(kc["latent_scale"]) if kc.get("latent_scale") else None
             if kc.get("prediction") in ("eps", "v"):
                 contents.prediction, contents.prediction_source = kc["prediction"], "kuas metadata"
+            contents.zero_terminal_snr = contents.zero_terminal_snr or bool(kc.get("zero_terminal_snr", False))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(path, f"has a malformed {KUAS_CONFIG_KEY} metadata entry ({e}); re-save it "
                                         f"with kuas or remove that entry") from None
@@ -124,6 +130,7 @@ def _read_diffusers(path) -> CheckpointContents:
     contents = CheckpointContents(os.fspath(path), "diffusers-folder", {})
     contents.prediction = "v" if folder.prediction_type == "v_prediction" else "eps"
     contents.prediction_source = "scheduler_config.json"
+    contents.zero_terminal_snr = bool((folder.scheduler_config or {}).get("rescale_betas_zero_snr", False))
     te1, te2 = comps.get("text_encoder"), comps.get("text_encoder_2")
     if te1 and te2:
         prefixes = {"text_encoder": "conditioner.embedders.0.transformer.",

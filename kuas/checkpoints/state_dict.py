@@ -28,6 +28,8 @@ from kuas.errors import CheckpointError
 __all__ = [
     "DEFAULT_ALLOWED_EXTRA",
     "DIFFUSERS_COMPONENTS",
+    "V_PRED_MARKER_KEY",
+    "ZTSNR_MARKER_KEY",
     "SkipMetaInit",
     "ema_state_dict",
     "load_into",
@@ -38,9 +40,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Empty marker tensors some community single files carry at the top level (ComfyUI reads both): "v_pred",
+# the model predicts v; "ztsnr", it was trained on the zero-terminal-SNR schedule and must be sampled on it.
+V_PRED_MARKER_KEY = "v_pred"
+ZTSNR_MARKER_KEY = "ztsnr"
+
 # Keys a checkpoint may carry that no kuas module has, matched (fnmatch) against the key after `prefix` is
 # stripped. Everything else that does not fit is an error.
 DEFAULT_ALLOWED_EXTRA: tuple[str, ...] = (
+    # what the model is, as marker keys (read by `kuas.checkpoints.loading`)
+    V_PRED_MARKER_KEY,
+    ZTSNR_MARKER_KEY,
     # LDM's EMA copy of the U-Net (`model_ema.<name without dots>`) plus its decay/update counters; ignored
     # when the non-EMA weights are loaded (use `ema_state_dict` to load the EMA ones instead).
     "model_ema.*",

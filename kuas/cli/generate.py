@@ -47,6 +47,7 @@ INPAINTING_FILL = ("fill", "original", "latent noise", "latent nothing")  # A111
 OUTPAINT_FILL = ("fill", "edge", "latent noise", "latent nothing")
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")  # A1111's 0..2
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")  # as kuas.prompts.conditioning (not imported here)
+NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")  # as kuas.sampling.schedules (not imported here)
 
 
 # -- value types (argparse calls them; an error there exits with status 2 before anything runs) ------------
@@ -130,6 +131,14 @@ def _choice(names: tuple[str, ...]) -> Callable[[str], str]:
         )
 
     return parse
+
+
+def _noise_schedule(text: str) -> str:
+    """A1111's noise schedule names, matched without regard to case ("zero terminal snr")."""
+    for name in NOISE_SCHEDULES:
+        if text.strip().lower() == name.lower():
+            return name
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of: {', '.join(NOISE_SCHEDULES)}")
 
 
 def _emphasis(text: str) -> str:
@@ -230,6 +239,14 @@ OPTIONS: tuple[Option, ...] = (
         "'No norm' (weights only), Ignore (brackets parsed, weights not applied), None (no emphasis syntax)",
         type=_emphasis,
         metavar="MODE",
+    ),
+    Option(
+        ("--noise-schedule",),
+        "noise_schedule",
+        "A1111's 'Noise schedule for sampling': Default or 'Zero Terminal SNR' (for models trained on it; "
+        "default: what the model file says)",
+        type=_noise_schedule,
+        metavar="SCHEDULE",
     ),
     Option(
         ("--tiling",),

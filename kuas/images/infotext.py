@@ -235,6 +235,7 @@ _SIMPLE_FIELDS: dict[str, tuple[str, Any]] = {
     "Seed": ("seed", _as_int),
     "Clip skip": ("clip_skip", _as_int),
     "Emphasis": ("emphasis", lambda f, k: f[k].strip()),
+    "Noise Schedule": ("noise_schedule", lambda f, k: f[k].strip()),
     "Variation seed": ("subseed", _as_int),
     "Variation seed strength": ("subseed_strength", _as_float),
     "Tiling": ("tiling", _as_bool),

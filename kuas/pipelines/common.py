@@ -269,7 +269,7 @@ def guided_denoiser(
     negative prompts are not encoded.
     """
     base_cls = VDenoiser if sd.prediction == "v" else EpsDenoiser
-    inner = base_cls(UNetFunction(sd.unet), DiscreteSchedule.sd())
+    inner = base_cls(UNetFunction(sd.unet), noise_schedule(sd, request))
     extras = None if c_concat is None else {"c_concat": c_concat}
     return prompt_denoiser(
         sd,
@@ -461,9 +461,24 @@ def build_denoiser(
 
 
 # -- sigmas -------------------------------------------------------------------------------------------------
-def sampling_sigmas(sd: StableDiffusion, spec: SamplerSpec, schedule_key: str, steps: int) -> Tensor:
-    """The sigmas of `steps` steps of this sampler and schedule, ending at 0."""
-    return sigmas_for(spec, schedule_key, steps, DiscreteSchedule.sd(), sdxl=sd.family.is_sdxl)
+def zero_terminal_snr(sd: StableDiffusion, request: Request) -> bool:
+    """Whether a request samples on the zero-terminal-SNR schedule: `request.noise_schedule` when given, else
+    what the model was trained on."""
+    if request.noise_schedule is None:
+        return sd.zero_terminal_snr
+    return request.noise_schedule == "Zero Terminal SNR"
+
+
+def noise_schedule(sd: StableDiffusion, request: Request) -> DiscreteSchedule:
+    """The noise schedule a request samples on: SD's, or SD's rescaled to zero terminal SNR."""
+    return DiscreteSchedule.sd(zero_terminal_snr=zero_terminal_snr(sd, request))
+
+
+def sampling_sigmas(sd: StableDiffusion, request: Request, spec: SamplerSpec, schedule_key: str, steps: int
+                    ) -> Tensor:
+    """The sigmas of `steps` steps of this sampler and schedule type on the request's noise schedule, ending
+    at 0."""
+    return sigmas_for(spec, schedule_key, steps, noise_schedule(sd, request), sdxl=sd.family.is_sdxl)
 
 
 def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
@@ -793,6 +808,8 @@ def infotext_fields(
         "Guidance rescale": float(request.guidance_rescale) if request.guidance_rescale > 0 else None,
         "Skip Early CFG": float(request.skip_early_cfg) if request.skip_early_cfg > 0 else None,
         "Emphasis": request.emphasis if request.emphasis != "Original" else None,  # as A1111 writes it
+        # A1111 writes its setting when it rescales; kuas whenever the schedule used is not SD's own
+        "Noise Schedule": "Zero Terminal SNR" if zero_terminal_snr(sd, request) else None,
         "Token merging ratio": float(request.tome_ratio) if request.tome_ratio > 0 else None,  # A1111's name
         "DeepCache interval": request.deepcache_interval if request.deepcache_interval > 1 else None,
     }

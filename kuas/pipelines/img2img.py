@@ -105,6 +105,7 @@ def img2img(
     tiling: bool = False,
     vae_tiling: bool | None = None,
     emphasis: str = "Original",
+    noise_schedule: str | None = None,
     tome_ratio: float = 0.0,
     deepcache_interval: int = 1,
     embeddings: EmbeddingRegistry | None = None,
@@ -144,6 +145,7 @@ def img2img(
         strength=strength,
         resize_mode=resize_mode,
         emphasis=emphasis,
+        noise_schedule=noise_schedule,
         tome_ratio=tome_ratio,
         deepcache_interval=deepcache_interval,
     )
@@ -175,7 +177,7 @@ def run_img2img(
     if request.strength == 0:
         return _unchanged(sd, request, resized, seeds, subseeds, spec, schedule_key, extra)
 
-    full = sampling_sigmas(sd, spec, schedule_key, request.steps)
+    full = sampling_sigmas(sd, request, spec, schedule_key, request.steps)
     sigmas = img2img_sigmas(full, request.steps, request.strength)
     tracker = Progress((len(sigmas) - 1) * request.batch_count, callback, progress)
     notes = PromptNotes(request.image_count)

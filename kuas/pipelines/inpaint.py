@@ -251,6 +251,7 @@ def inpaint(
     tiling: bool = False,
     vae_tiling: bool | None = None,
     emphasis: str = "Original",
+    noise_schedule: str | None = None,
     tome_ratio: float = 0.0,
     deepcache_interval: int = 1,
     embeddings: EmbeddingRegistry | None = None,
@@ -307,6 +308,7 @@ def inpaint(
         inpaint_full_res_padding=inpaint_full_res_padding,
         latent_blend=latent_blend,
         emphasis=emphasis,
+        noise_schedule=noise_schedule,
         tome_ratio=tome_ratio,
         deepcache_interval=deepcache_interval,
     )
@@ -353,7 +355,7 @@ def run_inpaint(
     )
     prepared = prepare(request, image, mask, overlay_mask, fill)
     sigmas = img2img_sigmas(
-        sampling_sigmas(sd, spec, schedule_key, request.steps), request.steps, request.strength
+        sampling_sigmas(sd, request, spec, schedule_key, request.steps), request.steps, request.strength
     )
     extra = {
         "Denoising strength": float(request.strength),

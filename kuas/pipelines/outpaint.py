@@ -114,6 +114,7 @@ def outpaint(
     eta: float | None = None,
     vae_tiling: bool | None = None,
     emphasis: str = "Original",
+    noise_schedule: str | None = None,
     tome_ratio: float = 0.0,
     deepcache_interval: int = 1,
     embeddings: EmbeddingRegistry | None = None,
@@ -165,6 +166,7 @@ def outpaint(
         overlap=overlap,
         inpainting_fill=fill,
         emphasis=emphasis,
+        noise_schedule=noise_schedule,
         tome_ratio=tome_ratio,
         deepcache_interval=deepcache_interval,
     )

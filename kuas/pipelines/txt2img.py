@@ -77,6 +77,7 @@ def txt2img(
     hr_denoising_strength: float = 0.7,
     hr_upscaler: str = "Latent",
     emphasis: str = "Original",
+    noise_schedule: str | None = None,
     tome_ratio: float = 0.0,
     deepcache_interval: int = 1,
     embeddings: EmbeddingRegistry | None = None,
@@ -135,6 +136,7 @@ def txt2img(
         hr_denoising_strength=hr_denoising_strength,
         hr_upscaler=hr_upscaler,
         emphasis=emphasis,
+        noise_schedule=noise_schedule,
         tome_ratio=tome_ratio,
         deepcache_interval=deepcache_interval,
     )
@@ -158,11 +160,11 @@ def run_txt2img(
     seeds, subseeds = image_seeds(
         request.seed, request.subseed, request.subseed_strength, request.image_count
     )
-    sigmas = sampling_sigmas(sd, spec, schedule_key, request.steps)
+    sigmas = sampling_sigmas(sd, request, spec, schedule_key, request.steps)
     hr_sigmas = None
     if request.enable_hr:
         hr_sigmas = img2img_sigmas(
-            sampling_sigmas(sd, spec, schedule_key, request.hr_steps),
+            sampling_sigmas(sd, request, spec, schedule_key, request.hr_steps),
             request.hr_steps,
             request.hr_denoising_strength,
         )

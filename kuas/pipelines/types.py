@@ -27,6 +27,7 @@ from PIL import Image
 from kuas.errors import InvalidInputError
 from kuas.prompts.conditioning import EMPHASIS_MODES
 from kuas.sampling.registry import SamplerSpec, resolve_sampler
+from kuas.sampling.schedules import NOISE_SCHEDULES
 
 __all__ = [
     "FILL_MODES",
@@ -171,6 +172,8 @@ class Request:
     (length batch_size, reused in every batch) or per image (length batch_size * batch_count); both are
     read in A1111's prompt language. `emphasis` is A1111's setting of that name (one of
     `kuas.prompts.conditioning.EMPHASIS_MODES`: "Original", "No norm", "Ignore", "None").
+    `noise_schedule` is A1111's "Noise schedule for sampling": "Default" or "Zero Terminal SNR" (for models
+    trained on it); None samples on the schedule the model file names.
     `tome_ratio` (token merging, 0 = off, up to 0.75) and `deepcache_interval` (step caching: the whole U-Net
     every N-th call, 1 = off) are the opt-in speedups of `kuas.speedups`, attached for each sampling run.
     """
@@ -196,6 +199,7 @@ class Request:
     vae_tiling: bool | None = None
     watermark: bool = True
     emphasis: str = "Original"
+    noise_schedule: str | None = None
     tome_ratio: float = 0.0
     deepcache_interval: int = 1
 
@@ -236,6 +240,11 @@ class Request:
         if self.vae_tiling is not None and not isinstance(self.vae_tiling, bool):
             raise InvalidInputError(
                 f"vae_tiling must be True, False or None (automatic), got {self.vae_tiling!r}"
+            )
+        if self.noise_schedule is not None and self.noise_schedule not in NOISE_SCHEDULES:
+            raise InvalidInputError(
+                f"noise_schedule must be one of {', '.join(repr(m) for m in NOISE_SCHEDULES)} or None (the "
+                f"model's own), got {self.noise_schedule!r}"
             )
         if self.emphasis not in EMPHASIS_MODES:
             raise InvalidInputError(

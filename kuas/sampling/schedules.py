@@ -23,6 +23,8 @@ from kuas.errors import InvalidInputError
 __all__ = [
     "ALIGN_YOUR_STEPS_SD1",
     "ALIGN_YOUR_STEPS_SDXL",
+    "NOISE_SCHEDULES",
+    "ZTSNR_LAST_ALPHA_CUMPROD",
     "DiscreteSchedule",
     "alphas_cumprod_from_betas",
     "append_zero",
@@ -41,6 +43,7 @@ __all__ = [
     "get_sigmas_simple",
     "get_sigmas_uniform",
     "linear_betas",
+    "rescale_zero_terminal_snr",
     "scaled_linear_betas",
     "sd_alphas_cumprod",
     "sigmas_from_timesteps",
@@ -82,6 +85,34 @@ def sd_alphas_cumprod(device=None) -> Tensor:
     return alphas_cumprod_from_betas(scaled_linear_betas(device=device))
 
 
+# A1111's "Noise schedule for sampling" setting (infotext "Noise Schedule"): SD's own, or SD's rescaled to zero
+# terminal SNR, which a model trained on it (`rescale_zero_terminal_snr`) must be sampled on.
+NOISE_SCHEDULES: tuple[str, ...] = ("Default", "Zero Terminal SNR")
+
+# The last alphas_cumprod of a zero-terminal-SNR schedule as A1111 and ComfyUI sample it: not 0 (an infinite
+# sigma) but this tiny value, so that the last sigma is finite (about 4518) and every sigma-space sampler
+# runs unchanged; the signal left at that timestep (sqrt: 2e-4) is nil in practice.
+ZTSNR_LAST_ALPHA_CUMPROD = 4.8973451890853435e-08
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: Tensor, last: float = ZTSNR_LAST_ALPHA_CUMPROD) -> Tensor:
+    """A schedule whose last timestep holds (almost) no signal: Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed", Algorithm 1.
+
+    SD's schedule ends at alphas_cumprod 0.0047: its noisiest training inputs still carry 7% of the image,
+    so a model learns to read layout and brightness from that remnant, which pure sampling noise does not
+    have. The rescale shifts sqrt(alphas_cumprod) so its last value is 0 and scales it so the first stays
+    unchanged; the last entry is then set to `last` (0 gives exactly zero SNR, and an infinite sigma).
+    Returns float64. Train with v-prediction: at zero SNR an eps model's target says nothing about x0.
+    """
+    root = torch.as_tensor(alphas_cumprod).to(torch.float64).sqrt()
+    first, final = root[0].clone(), root[-1].clone()
+    root = (root - final) * (first / (first - final))
+    out = root**2
+    out[-1] = last
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # The discrete schedule
 # --------------------------------------------------------------------------------------------------
@@ -108,9 +139,10 @@ class DiscreteSchedule:
         self.log_sigmas = self.sigmas.log()
 
     @classmethod
-    def sd(cls, device=None) -> DiscreteSchedule:
-        """The schedule shared by SD 1.x, 2.x and XL."""
-        return cls(sd_alphas_cumprod(device=device))
+    def sd(cls, device=None, *, zero_terminal_snr: bool = False) -> DiscreteSchedule:
+        """The schedule shared by SD 1.x, 2.x and XL (rescaled to zero terminal SNR for models trained so)."""
+        ac = sd_alphas_cumprod(device=device)
+        return cls(rescale_zero_terminal_snr(ac) if zero_terminal_snr else ac)
 
     @property
     def num_timesteps(self) -> int:

@@ -35,6 +35,9 @@ class Recipe:
     name: str
     family: str = "sd1"
     prediction: str = "v"
+    # train on SD's schedule rescaled to zero terminal SNR (Lin et al. 2024; v-prediction only): the model
+    # then learns what to draw from pure noise, and its file tells samplers to use that schedule
+    zero_terminal_snr: bool = False
     resolution: int = 128
     seed: int = 0
     unet: dict[str, Any] = field(default_factory=dict)
@@ -47,6 +50,12 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.zero_terminal_snr, bool):
+            raise InvalidInputError(f"recipe {self.name!r}: 'zero_terminal_snr' must be true or false")
+        if self.zero_terminal_snr and self.prediction != "v":
+            raise InvalidInputError(
+                f"recipe {self.name!r}: zero_terminal_snr needs \"prediction\": \"v\" (at zero SNR an eps "
+                f"model's target tells nothing about the image)")
         if not isinstance(self.stages, dict):
             raise InvalidInputError(f"recipe {self.name!r}: 'stages' must be an object with keys among {STAGES}")
         for stage, spec in self.stages.items():

@@ -54,7 +54,8 @@ def build_model(recipe: Recipe):
     from kuas.stable_diffusion import create
 
     return create(recipe.family, seed=recipe.seed, unet=recipe.unet, vae=recipe.vae,
-                  text_encoder=recipe.text_encoder, prediction=recipe.prediction, resolution=recipe.resolution)
+                  text_encoder=recipe.text_encoder, prediction=recipe.prediction,
+                  zero_terminal_snr=recipe.zero_terminal_snr, resolution=recipe.resolution)
 
 
 def _finish(trainer: Trainer, stage_dir: Path, names: list[str], extra: dict[str, str] | None = None) -> None:
@@ -192,7 +193,7 @@ def measure_latent_scale(vae, source, device, n: int = 256) -> float:
 
 
 def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool = True) -> None:
-    from kuas.sampling.schedules import sd_alphas_cumprod
+    from kuas.sampling.schedules import rescale_zero_terminal_snr, sd_alphas_cumprod
 
     stage_dir = run_dir / "unet"
     if _done(stage_dir):
@@ -228,7 +229,10 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
     unet.to(memory_format=memory_format)
     slot = sd.slots[0]
     try:
-        objective = DenoisingObjective(sd_alphas_cumprod().to(device), prediction=recipe.prediction,
+        alphas_cumprod = sd_alphas_cumprod()  # float64, as the objective's weights are computed
+        if recipe.zero_terminal_snr:
+            alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
+        objective = DenoisingObjective(alphas_cumprod.to(device), prediction=recipe.prediction,
                                        min_snr_gamma=opts.get("min_snr_gamma", 5.0),
                                        snr_offset=float(opts.get("snr_offset", 0.0)),
                                        timestep_importance=float(opts.get("timestep_importance", 0.0)))
