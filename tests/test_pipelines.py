@@ -693,9 +693,10 @@ def test_noise_schedule_zero_terminal_snr(sd, picture):
     seen = []
     zt_model.txt2img("a red ball", seed=3, callback=lambda i, n, x: seen.append(float(x.abs().max())), **FAST)
     assert len(seen) == FAST["steps"] and all(np.isfinite(seen))
-    request = Txt2ImgRequest(**FAST)
-    picked = common.sampling_sigmas(zt_model, request, *request.sampler_spec(), 3)
-    assert float(picked[0]) == pytest.approx(4518.76, abs=0.05)
+    spec, key = Txt2ImgRequest(**FAST).sampler_spec()
+    assert float(common.sampling_sigmas(zt_model, spec, key, 3)[0]) == pytest.approx(4518.76, abs=0.05)
+    assert float(common.sampling_sigmas(zt_model, spec, key, 3, noise_schedule="Default")[0]) == pytest.approx(
+        14.6146, abs=1e-3)
     img = zt_model.img2img("a red ball", picture, seed=3, strength=0.5, **FAST)[0]
     assert parse_infotext(img.info["parameters"]).fields["Noise Schedule"] == "Zero Terminal SNR"
     with pytest.raises(InvalidInputError, match="noise_schedule must be one of"):

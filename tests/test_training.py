@@ -391,6 +391,31 @@ def test_zero_terminal_snr_recipe_trains_on_the_rescaled_schedule_and_says_so(tm
     assert sd.zero_terminal_snr and sd.prediction == "v"
 
 
+def test_a_stop_ends_the_run_at_the_stage_it_reached(tmp_path, monkeypatch):
+    """SIGINT / SIGTERM during a stage saves it and returns: the next stage must not start on the unfinished
+    weights (it once went on to the text stage until torchrun killed it)."""
+    import copy
+
+    from kuas.training import stages
+    from kuas.training.recipe import Recipe
+
+    spec = copy.deepcopy(TINY_RECIPE)
+    spec["sample_prompts"] = []
+    step = Trainer.train_step
+
+    def stop_after_one(self):
+        out = step(self)
+        self._stop_requested = True  # as the signal handler does
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", stop_after_one)
+    assert stages.run_all(Recipe(**spec), tmp_path, progress=False) is None
+    assert latest_checkpoint(tmp_path / "vae").name == "checkpoint-00000001.pt"
+    assert not (tmp_path / "text").exists() and not (tmp_path / "unet").exists()
+    monkeypatch.undo()
+    assert stages.run_all(Recipe(**spec), tmp_path, progress=False) == tmp_path / "model.safetensors"
+
+
 def test_recipe_refuses_unknown_stages_and_settings(tmp_path):
     from kuas.errors import InvalidInputError
     from kuas.training.recipe import load_recipe

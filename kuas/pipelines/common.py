@@ -269,7 +269,7 @@ def guided_denoiser(
     negative prompts are not encoded.
     """
     base_cls = VDenoiser if sd.prediction == "v" else EpsDenoiser
-    inner = base_cls(UNetFunction(sd.unet), noise_schedule(sd, request))
+    inner = base_cls(UNetFunction(sd.unet), sampling_schedule(sd, request.noise_schedule))
     extras = None if c_concat is None else {"c_concat": c_concat}
     return prompt_denoiser(
         sd,
@@ -461,24 +461,24 @@ def build_denoiser(
 
 
 # -- sigmas -------------------------------------------------------------------------------------------------
-def zero_terminal_snr(sd: StableDiffusion, request: Request) -> bool:
-    """Whether a request samples on the zero-terminal-SNR schedule: `request.noise_schedule` when given, else
-    what the model was trained on."""
-    if request.noise_schedule is None:
+def zero_terminal_snr(sd: StableDiffusion, noise_schedule: str | None = None) -> bool:
+    """Whether sampling runs on the zero-terminal-SNR schedule: as `noise_schedule` ("Default" or "Zero
+    Terminal SNR", A1111's setting) says, else (None) as the model was trained."""
+    if noise_schedule is None:
         return sd.zero_terminal_snr
-    return request.noise_schedule == "Zero Terminal SNR"
+    return noise_schedule == "Zero Terminal SNR"
 
 
-def noise_schedule(sd: StableDiffusion, request: Request) -> DiscreteSchedule:
-    """The noise schedule a request samples on: SD's, or SD's rescaled to zero terminal SNR."""
-    return DiscreteSchedule.sd(zero_terminal_snr=zero_terminal_snr(sd, request))
+def sampling_schedule(sd: StableDiffusion, noise_schedule: str | None = None) -> DiscreteSchedule:
+    """The discrete noise schedule sampling runs on: SD's, or SD's rescaled to zero terminal SNR."""
+    return DiscreteSchedule.sd(zero_terminal_snr=zero_terminal_snr(sd, noise_schedule))
 
 
-def sampling_sigmas(sd: StableDiffusion, request: Request, spec: SamplerSpec, schedule_key: str, steps: int
-                    ) -> Tensor:
-    """The sigmas of `steps` steps of this sampler and schedule type on the request's noise schedule, ending
-    at 0."""
-    return sigmas_for(spec, schedule_key, steps, noise_schedule(sd, request), sdxl=sd.family.is_sdxl)
+def sampling_sigmas(sd: StableDiffusion, spec: SamplerSpec, schedule_key: str, steps: int, *,
+                    noise_schedule: str | None = None) -> Tensor:
+    """The sigmas of `steps` steps of this sampler and schedule type, ending at 0 (`noise_schedule` as in
+    `sampling_schedule`)."""
+    return sigmas_for(spec, schedule_key, steps, sampling_schedule(sd, noise_schedule), sdxl=sd.family.is_sdxl)
 
 
 def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
@@ -809,7 +809,7 @@ def infotext_fields(
         "Skip Early CFG": float(request.skip_early_cfg) if request.skip_early_cfg > 0 else None,
         "Emphasis": request.emphasis if request.emphasis != "Original" else None,  # as A1111 writes it
         # A1111 writes its setting when it rescales; kuas whenever the schedule used is not SD's own
-        "Noise Schedule": "Zero Terminal SNR" if zero_terminal_snr(sd, request) else None,
+        "Noise Schedule": "Zero Terminal SNR" if zero_terminal_snr(sd, request.noise_schedule) else None,
         "Token merging ratio": float(request.tome_ratio) if request.tome_ratio > 0 else None,  # A1111's name
         "DeepCache interval": request.deepcache_interval if request.deepcache_interval > 1 else None,
     }

@@ -177,7 +177,7 @@ def run_img2img(
     if request.strength == 0:
         return _unchanged(sd, request, resized, seeds, subseeds, spec, schedule_key, extra)
 
-    full = sampling_sigmas(sd, request, spec, schedule_key, request.steps)
+    full = sampling_sigmas(sd, spec, schedule_key, request.steps, noise_schedule=request.noise_schedule)
     sigmas = img2img_sigmas(full, request.steps, request.strength)
     tracker = Progress((len(sigmas) - 1) * request.batch_count, callback, progress)
     notes = PromptNotes(request.image_count)

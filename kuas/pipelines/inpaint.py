@@ -354,9 +354,8 @@ def run_inpaint(
         request.seed, request.subseed, request.subseed_strength, request.image_count
     )
     prepared = prepare(request, image, mask, overlay_mask, fill)
-    sigmas = img2img_sigmas(
-        sampling_sigmas(sd, request, spec, schedule_key, request.steps), request.steps, request.strength
-    )
+    full = sampling_sigmas(sd, spec, schedule_key, request.steps, noise_schedule=request.noise_schedule)
+    sigmas = img2img_sigmas(full, request.steps, request.strength)
     extra = {
         "Denoising strength": float(request.strength),
         "Mask blur": request.mask_blur,

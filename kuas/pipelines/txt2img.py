@@ -160,11 +160,11 @@ def run_txt2img(
     seeds, subseeds = image_seeds(
         request.seed, request.subseed, request.subseed_strength, request.image_count
     )
-    sigmas = sampling_sigmas(sd, request, spec, schedule_key, request.steps)
+    sigmas = sampling_sigmas(sd, spec, schedule_key, request.steps, noise_schedule=request.noise_schedule)
     hr_sigmas = None
     if request.enable_hr:
         hr_sigmas = img2img_sigmas(
-            sampling_sigmas(sd, request, spec, schedule_key, request.hr_steps),
+            sampling_sigmas(sd, spec, schedule_key, request.hr_steps, noise_schedule=request.noise_schedule),
             request.hr_steps,
             request.hr_denoising_strength,
         )

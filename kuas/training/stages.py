@@ -72,10 +72,10 @@ def _finish(trainer: Trainer, stage_dir: Path, names: list[str], extra: dict[str
 # Stage 1: the autoencoder
 
 
-def train_vae(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool = True) -> None:
+def train_vae(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool = True) -> bool:
     stage_dir = run_dir / "vae"
     if _done(stage_dir):
-        return
+        return True
     sd = build_model(recipe)
     vae = sd.vae.to(device).train().requires_grad_(True)
     opts = recipe.stage_options("vae")
@@ -124,9 +124,11 @@ def train_vae(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.de
 
     trainer = Trainer(stage_dir, cfg, {"vae": vae}, ["vae"], make_batch, compute_loss, sample=sample,
                       dist_info=dist, device=device, progress=progress)
-    if trainer.run() >= cfg.steps:
+    complete = trainer.run() >= cfg.steps
+    if complete:
         _finish(trainer, stage_dir, ["vae"])
     barrier(dist)
+    return complete
 
 
 @torch.no_grad()
@@ -144,15 +146,15 @@ def _write_reconstructions(vae, source, path: Path, device, n: int = 8) -> None:
 # Stage 2: text encoder pre-training on what world captions mean
 
 
-def train_text(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool = True) -> None:
+def train_text(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool = True) -> bool:
     from kuas.training.attributes import DEFAULT_CELL_TARGETS, AttributeHead, scene_targets
 
     stage_dir = run_dir / "text"
     if _done(stage_dir) or "text" not in recipe.stages:
-        return
+        return True
     if recipe.data.get("kind", "world") != "world":
         log.info("text pre-training needs world captions; skipped for %s data", recipe.data.get("kind"))
-        return
+        return True
     sd = build_model(recipe)
     te = sd.text_encoder.to(device).train().requires_grad_(True)
     slot = sd.slots[0]
@@ -173,9 +175,11 @@ def train_text(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
 
     trainer = Trainer(stage_dir, cfg, {"text_encoder": te, "head": head}, ["text_encoder", "head"], make_batch,
                       compute_loss, ema_modules=["text_encoder"], dist_info=dist, device=device, progress=progress)
-    if trainer.run() >= cfg.steps:
+    complete = trainer.run() >= cfg.steps
+    if complete:
         _finish(trainer, stage_dir, ["text_encoder"])
     barrier(dist)
+    return complete
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,12 +196,12 @@ def measure_latent_scale(vae, source, device, n: int = 256) -> float:
     return float(1.0 / torch.cat(vals).std())
 
 
-def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool = True) -> None:
+def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool = True) -> bool:
     from kuas.sampling.schedules import rescale_zero_terminal_snr, sd_alphas_cumprod
 
     stage_dir = run_dir / "unet"
     if _done(stage_dir):
-        return
+        return True
     opts = recipe.stage_options("unet")
     sd = build_model(recipe)
     _load_weights(run_dir / "vae", "vae", sd.vae)
@@ -290,9 +294,11 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
                       device=device, progress=progress)
     if train_text_encoder and text_lr_scale != 1.0:
         _scale_module_lr(trainer, te, text_lr_scale)
-    if trainer.run() >= cfg.steps:
+    complete = trainer.run() >= cfg.steps
+    if complete:
         _finish(trainer, stage_dir, trainable, {"latent_scale": str(scale)})
     barrier(dist)
+    return complete
 
 
 def _add_prep_seconds(stage_dir: Path, seconds: float) -> None:
@@ -410,7 +416,10 @@ def assemble(recipe: Recipe, run_dir: Path):
 
 def run_all(recipe: Recipe, run_dir: str | Path, *, device: str | torch.device = "cpu", dist: DistInfo | None = None,
             progress: bool = True, stages: tuple[str, ...] = ("vae", "text", "unet")) -> Path | None:
-    """Run (or continue) every stage, then write `run_dir/model.safetensors`."""
+    """Run (or continue) every stage, then write `run_dir/model.safetensors` and return its path.
+
+    A stop request (SIGINT / SIGTERM) ends the current stage at a checkpoint and returns None at once: a
+    later stage never starts on an unfinished one's weights. Run again to continue."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dist = dist or DistInfo()
@@ -421,8 +430,11 @@ def run_all(recipe: Recipe, run_dir: str | Path, *, device: str | torch.device =
     for name, fn in (("vae", train_vae), ("text", train_text), ("unet", train_unet)):
         if name in stages:
             t0 = time.time()
-            fn(recipe, run_dir, dist=dist, device=device, progress=progress)
+            complete = fn(recipe, run_dir, dist=dist, device=device, progress=progress)
             times[name] = round(time.time() - t0, 1)
+            if not complete:  # stopped (SIGINT / SIGTERM): the next stage needs this one's weights
+                log.warning("stopped during the %s stage; run the same command again to continue", name)
+                return None
     if "unet" not in stages or not _done(run_dir / "unet"):
         return None
     out = run_dir / "model.safetensors"
