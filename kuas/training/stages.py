@@ -227,8 +227,8 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
     if opts.get("gradient_checkpointing"):  # recompute activations in backward: less memory, ~30% slower
         unet.gradient_checkpointing = True
         te.set_gradient_checkpointing(True)
-    # NHWC weights and activations: oneDNN's native convolution layout, no reorder per call. The same
-    # arithmetic (losses agree to float rounding); faster on CPUs, see benchmarks/training_step.py.
+    # NHWC weights and activations (losses agree with NCHW to float rounding): the layout CUDA's tensor
+    # cores want; on this project's CPU it measured no faster (benchmarks/training_step.py).
     memory_format = torch.channels_last if opts.get("channels_last") else torch.contiguous_format
     unet.to(memory_format=memory_format)
     slot = sd.slots[0]
