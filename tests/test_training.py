@@ -434,6 +434,20 @@ def test_recipe_refuses_unknown_stages_and_settings(tmp_path):
     with pytest.raises(InvalidInputError, match="unknown stage 'vea'; stages are vae, text, unet"):
         load_recipe(recipe_file("extra", vea={}))
     load_recipe("builtin")  # the shipped recipe uses only known settings
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(dict(TINY_RECIPE, data={"kind": "world", "count_layout": "grid"})))
+    assert load_recipe(grid).data["count_layout"] == "grid"
+    from kuas.training.data import make_source
+
+    assert make_source(load_recipe(grid).data).dataset.count_layout == "grid"
+    for data, match in (({"kind": "world", "count_layuot": "grid"}, r"data: unknown setting\(s\) 'count_layuot'"),
+                        ({"kind": "folder", "path": "x", "canonical_prob": 1}, "'canonical_prob'; known: kind, path"),
+                        ({"kind": "laion"}, "'data' must be an object whose \"kind\" is one of world, folder"),
+                        ([], "'data' must be an object")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(dict(TINY_RECIPE, data=data)))
+        with pytest.raises(InvalidInputError, match=match):
+            load_recipe(bad)
 
 
 def test_recipe_sample_settings_reach_evaluation_and_model_defaults():

@@ -29,6 +29,7 @@ from kuas.world import (
     render_edges,
     render_segmentation,
     sample_scene,
+    score,
 )
 from kuas.world.captions import (
     BACKGROUND_TEMPLATES,
@@ -406,6 +407,45 @@ def test_world_dataset_kind_weights_set_the_mix():
     kinds = [mix.sample(i)[0].kind for i in range(3000)]
     shares = [kinds.count(k) / len(kinds) for k in ("single", "pair", "count")]
     assert all(abs(a - b) < 0.03 for a, b in zip(shares, (0.3, 0.35, 0.35))), shares
+
+
+def _near_cell_centre(o: Obj) -> bool:
+    """Centre within the jitter of its cell's centre, or clamped to the canvas border."""
+    row, col = o.cell
+    lo, hi = o.radius + 0.03, 1 - o.radius - 0.03
+    return all(abs(v - (k + 0.5) / 3) <= 0.06 + 1e-9 or v in (lo, hi) for v, k in zip(o.center, (col, row)))
+
+
+def test_grid_count_layout_puts_each_counted_object_in_its_own_cell():
+    free = WorldDataset("train", size=32, seed=0, length=200, kind_weights=(0, 0, 1))
+    grid = WorldDataset("train", size=32, seed=0, length=200, kind_weights=(0, 0, 1), count_layout="grid")
+    assert [free.sample(i) for i in range(20)] == [WorldDataset(size=32, length=20, kind_weights=(0, 0, 1),
+                                                               count_layout="free").sample(i) for i in range(20)]
+    in_cells = {True: 0, False: 0}
+    for i in range(200):
+        for ds in (free, grid):
+            scene, text = ds.sample(i)
+            objs = scene.objects
+            assert scene.kind == "count" and 2 <= len(objs) <= 4 and len({(o.shape, o.color, o.size) for o in objs}) == 1
+            for a in range(len(objs)):  # never touching, whatever the layout
+                for b in range(a):
+                    assert math.dist(objs[a].center, objs[b].center) >= 2 * objs[a].radius + 0.035 - 1e-9
+            cells = [o.cell for o in objs]
+            in_cells[ds is grid] += len(set(cells)) == len(cells) and all(map(_near_cell_centre, objs))
+            assert parse_caption(text).objects[0].count == len(objs)  # the caption still names no position
+            assert parse_caption(text).objects[0].position is None
+            if ds is grid:
+                assert score(render(scene, 128), text)["all_correct"]
+    assert in_cells[True] == 200 and in_cells[False] < 150
+    # four of the largest shapes fit in no other cells than the corners
+    four_large = [s for s in (sample_scene(i, kind="count", count_layout="grid") for i in range(400))
+                  if len(s.objects) == 4 and s.objects[0].size == "large" and s.objects[0].shape in ("star", "triangle")]
+    assert four_large and all({o.position for o in s.objects} == {"in the top left corner", "in the top right corner",
+                              "in the bottom left corner", "in the bottom right corner"} for s in four_large)
+    with pytest.raises(InvalidInputError, match="count layout"):
+        WorldDataset(count_layout="spiral")
+    with pytest.raises(InvalidInputError, match="count layout"):
+        sample_scene(0, count_layout="rows")
 
 
 def test_world_dataset_rejects_bad_arguments():

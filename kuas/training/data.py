@@ -36,11 +36,11 @@ class WorldSource:
     """Items of `kuas.world.WorldDataset` (train split by default)."""
 
     def __init__(self, size: int = 128, seed: int = 0, split: str = "train", canonical_prob: float = 0.5,
-                 kind_weights: tuple[float, float, float] | None = None):
+                 kind_weights: tuple[float, float, float] | None = None, count_layout: str = "free"):
         from kuas.world import WorldDataset
 
         self.dataset = WorldDataset(split=split, size=size, seed=seed, length=2**62, canonical_prob=canonical_prob,
-                                    kind_weights=kind_weights)
+                                    kind_weights=kind_weights, count_layout=count_layout)
         self.size = size
 
     def item(self, index: int, *, image: bool = True) -> Item:
@@ -121,7 +121,8 @@ def make_source(spec: dict[str, Any]):
     if kind == "world":
         return WorldSource(size=int(spec.get("size", 128)), seed=int(spec.get("seed", 0)),
                            canonical_prob=float(spec.get("canonical_prob", 0.5)),
-                           kind_weights=spec.get("kind_weights"))
+                           kind_weights=spec.get("kind_weights"),
+                           count_layout=str(spec.get("count_layout", "free")))
     if kind == "folder":
         return FolderSource(spec["path"], size=int(spec.get("size", 512)), seed=int(spec.get("seed", 0)))
     raise InvalidInputError(f"unknown data kind {kind!r}; use 'world' or 'folder'")

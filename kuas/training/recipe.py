@@ -29,6 +29,12 @@ STAGE_OPTIONS = {
              "latent_cache_precision"),
 }
 
+# The data settings each data kind reads (kuas.training.data.make_source), refused otherwise likewise.
+DATA_OPTIONS = {
+    "world": ("size", "seed", "canonical_prob", "kind_weights", "count_layout"),
+    "folder": ("path", "size", "seed"),
+}
+
 
 @dataclass
 class Recipe:
@@ -56,6 +62,15 @@ class Recipe:
             raise InvalidInputError(
                 f"recipe {self.name!r}: zero_terminal_snr needs \"prediction\": \"v\" (at zero SNR an eps "
                 f"model's target tells nothing about the image)")
+        if not isinstance(self.data, dict) or self.data.get("kind", "world") not in DATA_OPTIONS:
+            raise InvalidInputError(
+                f"recipe {self.name!r}: 'data' must be an object whose \"kind\" is one of {', '.join(DATA_OPTIONS)}")
+        known = DATA_OPTIONS[self.data.get("kind", "world")]
+        unknown = sorted(set(self.data) - {"kind", *known})
+        if unknown:
+            raise InvalidInputError(
+                f"recipe {self.name!r}, data: unknown setting(s) {', '.join(map(repr, unknown))}; known: kind, "
+                f"{', '.join(known)}")
         if not isinstance(self.stages, dict):
             raise InvalidInputError(f"recipe {self.name!r}: 'stages' must be an object with keys among {STAGES}")
         for stage, spec in self.stages.items():

@@ -23,6 +23,7 @@ from kuas.world.evaluate import Detection, analyse, detect, evaluate, score
 from kuas.world.render import render, render_depth, render_edges, render_segmentation
 from kuas.world.scene import (
     COLORS,
+    COUNT_LAYOUTS,
     HELDOUT_PAIRS,
     KINDS,
     PALETTE,
@@ -40,6 +41,7 @@ from kuas.world.scene import (
 
 __all__ = [
     "COLORS",
+    "COUNT_LAYOUTS",
     "HELDOUT_PAIRS",
     "KINDS",
     "PALETTE",
@@ -75,7 +77,7 @@ class WorldDataset:
     Item i depends only on (seed, i): its scene and caption come from a generator seeded with
     `[seed, i]`, so any position can be revisited or resumed. A share `canonical_prob` of captions is
     the canonical form, the rest are varied templates. `kind_weights` sets the shares of single, pair
-    and counting scenes when `kind` is None. Works with `torch.utils.data.DataLoader`.
+    and counting scenes when `kind` is None; `count_layout` ("free" or "grid") where counted objects go. Works with `torch.utils.data.DataLoader`.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class WorldDataset:
         kind: str | None = None,
         canonical_prob: float = 0.5,
         kind_weights: tuple[float, float, float] | None = None,
+        count_layout: str = "free",
     ):
         if split not in SPLITS:
             raise InvalidInputError(f"unknown split {split!r}; use 'train' or 'heldout'")
@@ -98,6 +101,9 @@ class WorldDataset:
         self.split, self.size, self.seed, self.length = split, int(size), int(seed), int(length)
         self.kind, self.canonical_prob = kind, canonical_prob
         self.kind_weights = normalize_kind_weights(kind_weights)
+        if count_layout not in COUNT_LAYOUTS:
+            raise InvalidInputError(f"unknown count layout {count_layout!r}; use one of {', '.join(COUNT_LAYOUTS)}")
+        self.count_layout = count_layout
 
     def __len__(self) -> int:
         return self.length
@@ -108,7 +114,8 @@ class WorldDataset:
             raise IndexError(f"index {index} out of range for a WorldDataset of length {self.length}")
         index %= self.length
         rng = np.random.default_rng([self.seed, index])
-        scene = sample_scene(rng, split=self.split, kind=self.kind, kind_weights=self.kind_weights)
+        scene = sample_scene(rng, split=self.split, kind=self.kind, kind_weights=self.kind_weights,
+                             count_layout=self.count_layout)
         text = canonical_caption(scene) if rng.random() < self.canonical_prob else caption(scene, rng)
         return scene, text
 

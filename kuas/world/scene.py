@@ -10,7 +10,9 @@ Scene kinds:
     different colours may overlap (the later one is in front) but each keeps >= 80% of its area
     visible and its visible centroid stays well inside its own cell; objects of the same colour never
     touch, so a detector can always tell them apart.
-  * ``count``: 2-4 identical objects (same shape, colour and size) at free, non-overlapping positions.
+  * ``count``: 2-4 identical objects (same shape, colour and size) at free, non-overlapping positions
+    (``count_layout="free"``, the default) or each in its own 3x3 cell, jittered like single objects
+    (``count_layout="grid"``). The caption names no positions either way.
 
 An object never has the background's colour. Centres are jittered within their cell and clamped so
 the object stays inside the canvas; the visible centroid is checked to stay in the cell with a margin,
@@ -82,6 +84,7 @@ _MIN_VISIBLE = 0.8  # pair scenes: min visible fraction of each object's area
 _CELL_MARGIN = 0.035  # pair/single scenes: min distance of the visible centroid from its cell's edges
 _COUNT_GAP = 0.035  # count scenes: min gap between the extents of two objects
 KIND_WEIGHTS = (0.4, 0.35, 0.25)  # default share of single / pair / count scenes
+COUNT_LAYOUTS: tuple[str, ...] = ("free", "grid")
 _GRADIENT_PROB = 0.25
 
 
@@ -411,11 +414,19 @@ def _sample_two(rng: np.random.Generator, split: str) -> list[Obj]:
     raise RuntimeError("could not place two objects")  # pragma: no cover - never happens in practice
 
 
-def _sample_count(rng: np.random.Generator, split: str) -> list[Obj]:
-    color, shape = _sample_pair(rng, split)
-    size = _choice(rng, SIZES)
-    n = int(rng.integers(2, 5))
-    radius = object_radius(shape, size)
+def _grid_centers(rng: np.random.Generator, n: int, radius: float) -> list[tuple[float, float]]:
+    """`n` jittered centres in `n` different cells whose objects keep the counting gap. Large objects
+    rarely fit side by side (four large stars: only in the corners), so cell draws are repeated."""
+    for _ in range(100_000):
+        cells = rng.choice(9, size=n, replace=False)
+        centers = [_jittered_center(rng, int(c) // 3, int(c) % 3, radius) for c in cells]
+        if all(math.dist(a, b) >= 2 * radius + _COUNT_GAP for i, a in enumerate(centers) for b in centers[:i]):
+            return centers
+    raise RuntimeError(f"could not place {n} objects of radius {radius} in grid cells")  # pragma: no cover
+
+
+def _free_centers(rng: np.random.Generator, n: int, radius: float) -> list[tuple[float, float]]:
+    """`n` uniform centres anywhere on the canvas whose objects keep the counting gap."""
     lo, hi = radius + _BORDER, 1.0 - radius - _BORDER
     while True:
         centers: list[tuple[float, float]] = []
@@ -424,9 +435,15 @@ def _sample_count(rng: np.random.Generator, split: str) -> list[Obj]:
             if all(math.dist(c, o) >= 2 * radius + _COUNT_GAP for o in centers):
                 centers.append(c)
                 if len(centers) == n:
-                    break
-        if len(centers) == n:
-            break
+                    return centers
+
+
+def _sample_count(rng: np.random.Generator, split: str, layout: str = "free") -> list[Obj]:
+    color, shape = _sample_pair(rng, split)
+    size = _choice(rng, SIZES)
+    n = int(rng.integers(2, 5))
+    radius = object_radius(shape, size)
+    centers = (_grid_centers if layout == "grid" else _free_centers)(rng, n, radius)
     objs = []
     for d, c in enumerate(centers):
         row, col = position_cell(*c)
@@ -467,17 +484,21 @@ def sample_scene(
     split: str = "train",
     kind: str | None = None,
     kind_weights: tuple[float, float, float] | None = None,
+    count_layout: str = "free",
 ) -> Scene:
     """A random scene, deterministic for a seed.
 
     `split="train"` never contains a `HELDOUT_PAIRS` combination; `split="heldout"` always contains at
     least one. `kind` is "single", "pair" or "count"; None draws one with `kind_weights` (shares of
-    single / pair / count, default `KIND_WEIGHTS`: 40% / 35% / 25%).
+    single / pair / count, default `KIND_WEIGHTS`: 40% / 35% / 25%). `count_layout` places the objects
+    of counting scenes freely ("free") or one per grid cell ("grid").
     """
     if split not in SPLITS:
         raise InvalidInputError(f"unknown split {split!r}; use 'train' or 'heldout'")
     if kind is not None and kind not in KINDS:
         raise InvalidInputError(f"unknown scene kind {kind!r}; use one of {', '.join(KINDS)}")
+    if count_layout not in COUNT_LAYOUTS:
+        raise InvalidInputError(f"unknown count layout {count_layout!r}; use one of {', '.join(COUNT_LAYOUTS)}")
     rng = make_rng(rng)
     if kind is None:
         kind = KINDS[int(rng.choice(len(KINDS), p=normalize_kind_weights(kind_weights)))]
@@ -486,6 +507,6 @@ def sample_scene(
     elif kind == "pair":
         objs = _sample_two(rng, split)
     else:
-        objs = _sample_count(rng, split)
+        objs = _sample_count(rng, split, count_layout)
     bg, style = _sample_background(rng, {o.color for o in objs})
     return Scene(kind=kind, background=bg, background_style=style, objects=objs, split=split)
