@@ -599,3 +599,45 @@ def test_exit_rank_flushes_and_returns_the_code():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 3
     assert res.stdout == "unflushed" and "logged" in res.stderr
+
+
+def test_text_stage_context_tokens_keeps_the_causal_states_and_refuses_cut_captions(tmp_path, monkeypatch):
+    """`context_tokens` trains the text stage on the first n positions: the causal encoder's states there
+    are the full-length states, the head sees n-position batches, and a caption cut short is an error."""
+    import copy
+
+    from kuas.errors import InvalidInputError
+    from kuas.training import stages
+    from kuas.training.attributes import AttributeHead
+    from kuas.training.recipe import Recipe
+
+    spec = copy.deepcopy(TINY_RECIPE)
+    sd = stages.build_model(Recipe(**spec))
+    te = sd.text_encoder.eval()
+    tokens = sd.tokenizer(["three small yellow hearts on a blue background", "a red circle"],
+                          pad_with=sd.slots[0].spec.pad_with)
+    with torch.no_grad():
+        full, short = te(tokens).hidden, te(tokens[:, :32]).hidden
+    assert tokens.shape[1] == 77 and short.shape[1] == 32
+    torch.testing.assert_close(short, full[:, :32], rtol=1e-5, atol=1e-6)
+
+    widths = []
+    loss = AttributeHead.loss
+
+    def spy(self, states, targets):
+        widths.append(states.shape[1])
+        return loss(self, states, targets)
+
+    monkeypatch.setattr(AttributeHead, "loss", spy)
+    spec["stages"]["text"]["context_tokens"] = 32
+    assert stages.train_text(Recipe(**spec), tmp_path / "a", dist=stages.DistInfo(), device=torch.device("cpu"),
+                             progress=False)
+    assert widths == [32] * 3
+    spec["stages"]["text"]["context_tokens"] = 6
+    with pytest.raises(InvalidInputError, match=r"does not end within context_tokens=6 tokens; raise context_tokens"):
+        stages.train_text(Recipe(**spec), tmp_path / "b", dist=stages.DistInfo(), device=torch.device("cpu"),
+                          progress=False)
+    spec["stages"]["text"]["context_tokens"] = 78
+    with pytest.raises(InvalidInputError, match="context_tokens must be 2..77, not 78"):
+        stages.train_text(Recipe(**spec), tmp_path / "c", dist=stages.DistInfo(), device=torch.device("cpu"),
+                          progress=False)

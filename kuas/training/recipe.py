@@ -23,7 +23,7 @@ STAGES = ("vae", "text", "unet")
 # refused, so a misspelt option cannot silently train with the default.
 STAGE_OPTIONS = {
     "vae": ("crop", "loss", "data_echo", "gradient_checkpointing"),
-    "text": ("cell_targets",),
+    "text": ("cell_targets", "context_tokens"),
     "unet": ("cfg_dropout", "min_snr_gamma", "snr_offset", "timestep_importance", "text_lr_scale",
              "gradient_checkpointing", "channels_last", "eval_every", "eval_n", "latent_cache",
              "latent_cache_precision"),

@@ -162,11 +162,28 @@ def train_text(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
     head = AttributeHead(te.config.width, layout=layout).to(device)
     source = make_source({**recipe.data, "size": recipe.resolution})
     cfg = recipe.loop("text")
+    context = sd.text_encoder.config.context_length
+    # The encoder is causal, so its first n states do not depend on the positions after them: a stage that
+    # sees only the first `context_tokens` (the world's captions need at most 32 with BOS and EOS) computes
+    # exactly the states it would at full length, at a fraction of the cost. Only the head's pooling then
+    # sees fewer padding states.
+    keep = int(recipe.stages["text"].get("context_tokens", context))
+    if not 2 <= keep <= context:
+        raise InvalidInputError(f"recipe {recipe.name!r}, stage 'text': context_tokens must be 2..{context}, not {keep}")
+    eos = sd.tokenizer.eos_token_id
 
     def make_batch(indices):
         items = [source.item(i, image=False) for i in indices]
-        tokens = sd.tokenizer([it.caption for it in items], pad_with=slot.spec.pad_with).to(device)
-        return tokens, scene_targets([it.scene for it in items], layout)
+        tokens = sd.tokenizer([it.caption for it in items], pad_with=slot.spec.pad_with)
+        if keep < tokens.shape[1]:
+            cut = ~(tokens[:, :keep] == eos).any(dim=1)
+            if cut.any():
+                long = items[int(cut.nonzero()[0])].caption
+                raise InvalidInputError(
+                    f"recipe {recipe.name!r}, stage 'text': the caption {long!r} does not end within "
+                    f"context_tokens={keep} tokens; raise context_tokens (at most {context})")
+            tokens = tokens[:, :keep]
+        return tokens.to(device), scene_targets([it.scene for it in items], layout)
 
     def compute_loss(batch, seeds):
         tokens, targets = batch
