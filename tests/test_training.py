@@ -442,6 +442,7 @@ def test_recipe_refuses_unknown_stages_and_settings(tmp_path):
     assert make_source(load_recipe(grid).data).dataset.count_layout == "grid"
     for data, match in (({"kind": "world", "count_layuot": "grid"}, r"data: unknown setting\(s\) 'count_layuot'"),
                         ({"kind": "folder", "path": "x", "canonical_prob": 1}, "'canonical_prob'; known: kind, path"),
+                        ({"kind": "folder"}, 'a "folder" source needs "path"'),
                         ({"kind": "laion"}, "'data' must be an object whose \"kind\" is one of world, folder"),
                         ([], "'data' must be an object")):
         bad = tmp_path / "bad.json"

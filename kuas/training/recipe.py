@@ -71,6 +71,9 @@ class Recipe:
             raise InvalidInputError(
                 f"recipe {self.name!r}, data: unknown setting(s) {', '.join(map(repr, unknown))}; known: kind, "
                 f"{', '.join(known)}")
+        if self.data.get("kind") == "folder" and not self.data.get("path"):
+            raise InvalidInputError(f"recipe {self.name!r}, data: a \"folder\" source needs \"path\" (the folder of "
+                                    f"images and same-name .txt captions)")
         if not isinstance(self.stages, dict):
             raise InvalidInputError(f"recipe {self.name!r}: 'stages' must be an object with keys among {STAGES}")
         for stage, spec in self.stages.items():

@@ -77,7 +77,8 @@ class WorldDataset:
     Item i depends only on (seed, i): its scene and caption come from a generator seeded with
     `[seed, i]`, so any position can be revisited or resumed. A share `canonical_prob` of captions is
     the canonical form, the rest are varied templates. `kind_weights` sets the shares of single, pair
-    and counting scenes when `kind` is None; `count_layout` ("free" or "grid") where counted objects go. Works with `torch.utils.data.DataLoader`.
+    and counting scenes when `kind` is None; `count_layout` ("free" or "grid") where counted objects go.
+    Works with `torch.utils.data.DataLoader`.
     """
 
     def __init__(
