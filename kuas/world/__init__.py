@@ -35,6 +35,7 @@ from kuas.world.scene import (
     ObjSpec,
     Scene,
     SceneSpec,
+    check_count_layout,
     normalize_kind_weights,
     sample_scene,
 )
@@ -102,9 +103,7 @@ class WorldDataset:
         self.split, self.size, self.seed, self.length = split, int(size), int(seed), int(length)
         self.kind, self.canonical_prob = kind, canonical_prob
         self.kind_weights = normalize_kind_weights(kind_weights)
-        if count_layout not in COUNT_LAYOUTS:
-            raise InvalidInputError(f"unknown count layout {count_layout!r}; use one of {', '.join(COUNT_LAYOUTS)}")
-        self.count_layout = count_layout
+        self.count_layout = check_count_layout(count_layout)
 
     def __len__(self) -> int:
         return self.length

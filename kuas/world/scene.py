@@ -478,6 +478,13 @@ def normalize_kind_weights(weights) -> tuple[float, float, float]:
     return tuple(v / sum(w) for v in w)
 
 
+def check_count_layout(layout: str) -> str:
+    """`layout` if it is one of `COUNT_LAYOUTS`, else an error naming them."""
+    if layout not in COUNT_LAYOUTS:
+        raise InvalidInputError(f"unknown count layout {layout!r}; use one of {', '.join(COUNT_LAYOUTS)}")
+    return layout
+
+
 def sample_scene(
     rng: np.random.Generator | int | None = None,
     *,
@@ -497,8 +504,7 @@ def sample_scene(
         raise InvalidInputError(f"unknown split {split!r}; use 'train' or 'heldout'")
     if kind is not None and kind not in KINDS:
         raise InvalidInputError(f"unknown scene kind {kind!r}; use one of {', '.join(KINDS)}")
-    if count_layout not in COUNT_LAYOUTS:
-        raise InvalidInputError(f"unknown count layout {count_layout!r}; use one of {', '.join(COUNT_LAYOUTS)}")
+    check_count_layout(count_layout)
     rng = make_rng(rng)
     if kind is None:
         kind = KINDS[int(rng.choice(len(KINDS), p=normalize_kind_weights(kind_weights)))]
