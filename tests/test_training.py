@@ -642,3 +642,48 @@ def test_text_stage_context_tokens_keeps_the_causal_states_and_refuses_cut_capti
     with pytest.raises(InvalidInputError, match="context_tokens must be 2..77, not 78"):
         stages.train_text(Recipe(**spec), tmp_path / "c", dist=stages.DistInfo(), device=torch.device("cpu"),
                           progress=False)
+
+
+def test_unet_stage_text_freeze_steps_holds_the_text_encoder_then_trains_it(tmp_path):
+    """`text_freeze_steps: n`: no text-encoder update in the U-Net stage's first n steps. Frozen for every
+    step it trains the U-Net exactly as `text_lr_scale: 0` does and writes the text encoder unchanged;
+    frozen for fewer steps the text encoder moves; a negative count is refused with the option named."""
+    import copy
+    import shutil
+
+    from kuas.checkpoints.safetensors_io import read_safetensors
+    from kuas.errors import InvalidInputError
+    from kuas.training import stages
+    from kuas.training.distributed import DistInfo
+    from kuas.training.recipe import Recipe
+
+    spec = copy.deepcopy(TINY_RECIPE)
+    spec["sample_prompts"] = []
+    spec["stages"]["unet"]["loop"].update(steps=3, save_every=0)
+    cpu = torch.device("cpu")
+    stages.train_vae(Recipe(**spec), tmp_path / "base", dist=DistInfo(), device=cpu, progress=False)
+    initial = stages.build_model(Recipe(**spec)).text_encoder.state_dict()
+
+    def run(name, **opts):
+        run_dir = tmp_path / name
+        shutil.copytree(tmp_path / "base", run_dir)
+        s = copy.deepcopy(spec)
+        s["stages"]["unet"].update(opts)
+        stages.train_unet(Recipe(**s), run_dir, dist=DistInfo(), device=cpu, progress=False)
+        w = read_safetensors(run_dir / "unet" / "weights.safetensors")
+        unet = {k: v for k, v in w.items() if k.startswith("unet.")}
+        text = {k.removeprefix("text_encoder."): v for k, v in w.items() if k.startswith("text_encoder.")}
+        return unet, text
+
+    frozen_unet, frozen_text = run("all", text_lr_scale=1.0, text_freeze_steps=3)
+    scale0_unet, scale0_text = run("scale0", text_lr_scale=0.0)
+    assert frozen_unet and frozen_unet.keys() == scale0_unet.keys()
+    for k, v in frozen_unet.items():
+        assert torch.equal(v, scale0_unet[k]), k
+    assert frozen_text and not scale0_text
+    for k, v in frozen_text.items():
+        assert torch.equal(v, initial[k]), k
+    _, late_text = run("one", text_lr_scale=1.0, text_freeze_steps=1)
+    assert any(not torch.equal(v, initial[k]) for k, v in late_text.items())
+    with pytest.raises(InvalidInputError, match="text_freeze_steps must be >= 0"):
+        run("bad", text_freeze_steps=-1)

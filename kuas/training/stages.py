@@ -240,6 +240,12 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
     te = sd.text_encoder
     text_lr_scale = float(opts.get("text_lr_scale", 1.0))
     train_text_encoder = text_lr_scale > 0
+    # The text encoder can be held still for the stage's first steps and trained after them (frozen throughout,
+    # builtin19 of docs/builtin-experiments.md bound objects to places better and drew shapes worse).
+    text_freeze_steps = int(opts.get("text_freeze_steps", 0))
+    if text_freeze_steps < 0:
+        raise InvalidInputError(f"recipe {recipe.name!r}, stage 'unet': text_freeze_steps must be >= 0, "
+                                f"got {text_freeze_steps}")
     te.train(train_text_encoder).requires_grad_(train_text_encoder)
     if opts.get("gradient_checkpointing"):  # recompute activations in backward: less memory, ~30% slower
         unet.gradient_checkpointing = True
@@ -293,7 +299,8 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
 
     def compute_loss(batch, seeds):
         latents, tokens = batch
-        with torch.set_grad_enabled(train_text_encoder):
+        # While frozen the text encoder gets no gradient, so the optimizer, clipping and EMA leave it as it is.
+        with torch.set_grad_enabled(train_text_encoder and trainer.step >= text_freeze_steps):
             context = te(tokens, layer=slot.layer, final_norm=slot.final_norm).hidden
         return objective.loss(unet, latents, {"context": context}, seeds)
 
