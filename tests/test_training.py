@@ -687,3 +687,88 @@ def test_unet_stage_text_freeze_steps_holds_the_text_encoder_then_trains_it(tmp_
     assert any(not torch.equal(v, initial[k]) for k, v in late_text.items())
     with pytest.raises(InvalidInputError, match="text_freeze_steps must be >= 0"):
         run("bad", text_freeze_steps=-1)
+
+
+def test_unet_stage_text_attribute_weight_keeps_the_text_stage_loss_on(tmp_path):
+    """The text stage writes its attribute head (and the layout and token count it read). With
+    `text_attribute_weight: w` the U-Net stage's loss is the diffusion loss plus w x that head's loss on the
+    same captions (dropped ones ignored), as logged; the head loss of the first step is what the text
+    stage's head says about the text stage's encoder. Off while the encoder is frozen; refused without a head."""
+    import copy
+    import json
+    import shutil
+
+    from kuas.checkpoints.safetensors_io import read_safetensors, save_safetensors
+    from kuas.errors import InvalidInputError
+    from kuas.training import stages
+    from kuas.training.attributes import AttributeHead
+    from kuas.training.distributed import DistInfo
+    from kuas.training.recipe import Recipe
+
+    spec = copy.deepcopy(TINY_RECIPE)
+    spec["sample_prompts"] = []
+    spec["stages"]["text"]["context_tokens"] = 40
+    spec["stages"]["unet"]["loop"].update(steps=2, save_every=0)
+    cpu = torch.device("cpu")
+    base = tmp_path / "base"
+    stages.train_vae(Recipe(**spec), base, dist=DistInfo(), device=cpu, progress=False)
+    stages.train_text(Recipe(**spec), base, dist=DistInfo(), device=cpu, progress=False)
+    saved = read_safetensors(base / "text" / "weights.safetensors")
+    assert saved.metadata["context_tokens"] == "40" and saved.metadata["cell_targets"] == "shape_or_empty"
+    head_sd = {k.removeprefix("head."): v for k, v in saved.items() if k.startswith("head.")}
+    assert head_sd
+
+    def run(name, **opts):
+        run_dir = tmp_path / name
+        shutil.copytree(base, run_dir)
+        s = copy.deepcopy(spec)
+        s["stages"]["unet"].update(opts)
+        stages.train_unet(Recipe(**s), run_dir, dist=DistInfo(), device=cpu, progress=False)
+        return [json.loads(line) for line in (run_dir / "unet" / "log.jsonl").read_text().splitlines()]
+
+    w = 0.25
+    logs = run("aux", text_lr_scale=0.1, text_attribute_weight=w)
+    for rec in logs:
+        assert rec["loss"] == pytest.approx(rec["diffusion"] + w * rec["text_attributes"], rel=1e-5)
+    plain = run("plain", text_lr_scale=0.1)
+    assert plain[0]["loss"] == pytest.approx(logs[0]["diffusion"], rel=1e-6)  # same data, same first loss
+    assert "text_attributes" not in plain[0]
+
+    # Recompute the first step's head loss from the text stage's encoder and head on the same batch.
+    recipe = Recipe(**{**spec, "stages": {**spec["stages"], "unet": {**spec["stages"]["unet"],
+                                                                      "text_attribute_weight": w}}})
+    sd = stages.build_model(recipe)
+    stages._load_weights(base / "text", "text_encoder", sd.text_encoder)
+    head = AttributeHead(sd.text_encoder.config.width)
+    head.load_state_dict(head_sd)
+    source = stages.make_source({**recipe.data, "size": recipe.resolution})
+    from kuas.training.loop import sample_seed
+    from kuas.training.objectives import dropout_mask
+
+    cfg = recipe.loop("unet")
+    indices = range(cfg.batch_size)
+    items = [source.item(i) for i in indices]
+    drops = dropout_mask([sample_seed(cfg.seed, i) for i in indices], 0.1)
+    captions = ["" if d else it.caption for it, d in zip(items, drops)]
+    slot = sd.slots[0]
+    with torch.no_grad():
+        states = sd.text_encoder(sd.tokenizer(captions, pad_with=slot.spec.pad_with), layer=slot.layer,
+                                 final_norm=slot.final_norm).hidden
+        expected, _ = head.loss(states[:, :40], stages._attribute_targets(head, [it.scene for it in items], drops))
+    assert logs[0]["text_attributes"] == pytest.approx(expected.item(), rel=1e-4)
+
+    cached = run("cached", text_lr_scale=0.1, text_attribute_weight=w, latent_cache=8)  # scenes from the cache
+    assert cached[0]["text_attributes"] > 0
+    assert cached[0]["loss"] == pytest.approx(cached[0]["diffusion"] + w * cached[0]["text_attributes"], rel=1e-5)
+    frozen = run("frozen", text_lr_scale=0.1, text_attribute_weight=w, text_freeze_steps=2)
+    assert all("text_attributes" not in rec for rec in frozen)
+    with pytest.raises(InvalidInputError, match="text_attribute_weight must be >= 0"):
+        run("negative", text_lr_scale=0.1, text_attribute_weight=-1)
+    old = tmp_path / "old"
+    shutil.copytree(base, old / "run")
+    save_safetensors(old / "run" / "text" / "weights.safetensors",
+                     {k: v for k, v in saved.items() if k.startswith("text_encoder.")})
+    with pytest.raises(InvalidInputError, match="train the text stage again, or set it to 0"):
+        s = copy.deepcopy(spec)
+        s["stages"]["unet"].update(text_lr_scale=0.1, text_attribute_weight=w)
+        stages.train_unet(Recipe(**s), old / "run", dist=DistInfo(), device=cpu, progress=False)

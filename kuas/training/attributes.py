@@ -80,6 +80,7 @@ class AttributeHead(nn.Module):
 
     def __init__(self, width: int, heads: int = 4, layout: str = DEFAULT_CELL_TARGETS):
         super().__init__()
+        self.layout = layout
         self.queries = nn.Parameter(torch.randn(N_CELLS + 1, width) * 0.02)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.norm = nn.LayerNorm(width)

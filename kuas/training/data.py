@@ -193,12 +193,12 @@ class LatentCache:
         parts = [read_safetensors(self._chunk_path(k))["latents"] for k in range(-(-self.n // self.CHUNK))]
         self.latents = torch.cat(parts).float()
 
-    def item(self, index: int) -> tuple[Tensor, str]:
-        """Latent (unscaled) and a caption for global sample `index`."""
+    def item(self, index: int, with_scene: bool = False) -> tuple:
+        """Latent (unscaled) and a caption for global sample `index` (and its scene with `with_scene`)."""
         from kuas.world import canonical_caption, caption
 
         j = index % self.n
         scene, _ = self.source.dataset.sample(j)
         rng = np.random.default_rng([self.seed, index, 7])
         text = canonical_caption(scene) if rng.random() < self.source.dataset.canonical_prob else caption(scene, rng)
-        return self.latents[j], text
+        return (self.latents[j], text, scene) if with_scene else (self.latents[j], text)

@@ -25,7 +25,7 @@ STAGE_OPTIONS = {
     "vae": ("crop", "loss", "data_echo", "gradient_checkpointing"),
     "text": ("cell_targets", "context_tokens"),
     "unet": ("cfg_dropout", "min_snr_gamma", "snr_offset", "timestep_importance", "text_lr_scale",
-             "text_freeze_steps", "gradient_checkpointing", "channels_last", "eval_every", "eval_n",
+             "text_freeze_steps", "text_attribute_weight", "gradient_checkpointing", "channels_last", "eval_every", "eval_n",
              "latent_cache", "latent_cache_precision"),
 }
 

@@ -194,7 +194,9 @@ def train_text(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
                       compute_loss, ema_modules=["text_encoder"], dist_info=dist, device=device, progress=progress)
     complete = trainer.run() >= cfg.steps
     if complete:
-        _finish(trainer, stage_dir, ["text_encoder"])
+        # The head is kept too: the U-Net stage can go on asking the encoder to say what captions mean
+        # (`text_attribute_weight`).
+        _finish(trainer, stage_dir, ["text_encoder", "head"], {"cell_targets": layout, "context_tokens": str(keep)})
     barrier(dist)
     return complete
 
@@ -267,6 +269,7 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
         raise InvalidInputError(f"recipe {recipe.name!r}, stage 'unet': {e}") from None
     cfg = recipe.loop("unet")
     p_drop = float(opts.get("cfg_dropout", 0.1))
+    head, head_tokens = _attribute_head(recipe, run_dir, opts, te, device) if train_text_encoder else (None, 0)
 
     cache = None
     if int(opts.get("latent_cache", 0)) and recipe.data.get("kind", "world") == "world":
@@ -283,28 +286,41 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
 
     def make_batch(indices):
         if cache is not None:
-            pairs = [cache.item(i) for i in indices]
-            latents = torch.stack([p[0] for p in pairs]).to(device) * scale
+            items = [cache.item(i, with_scene=True) for i in indices]
+            latents = torch.stack([it[0] for it in items]).to(device) * scale
             latents = latents.contiguous(memory_format=memory_format)
-            texts = [p[1] for p in pairs]
+            texts, scenes = [it[1] for it in items], [it[2] for it in items]
         else:
             items = [source.item(i) for i in indices]
             images = torch.stack([it.image for it in items]).to(device)
             with torch.no_grad():
                 latents = (vae.encode(images).mean * scale).contiguous(memory_format=memory_format)
-            texts = [it.caption for it in items]
+            texts, scenes = [it.caption for it in items], [getattr(it, "scene", None) for it in items]
         seeds = [sample_seed(cfg.seed, i) for i in indices]
-        captions = ["" if drop else t for t, drop in zip(texts, dropout_mask(seeds, p_drop))]
-        return latents, sd.tokenizer(captions, pad_with=slot.spec.pad_with).to(device)
+        drops = dropout_mask(seeds, p_drop)
+        captions = ["" if drop else t for t, drop in zip(texts, drops)]
+        tokens = sd.tokenizer(captions, pad_with=slot.spec.pad_with).to(device)
+        targets = _attribute_targets(head, scenes, drops) if head is not None else None
+        return latents, tokens, targets
 
     def compute_loss(batch, seeds):
-        latents, tokens = batch
+        latents, tokens, targets = batch
         # While frozen the text encoder gets no gradient, so the optimizer, clipping and EMA leave it as it is.
-        with torch.set_grad_enabled(train_text_encoder and trainer.step >= text_freeze_steps):
+        text_trains = train_text_encoder and trainer.step >= text_freeze_steps
+        with torch.set_grad_enabled(text_trains):
             context = te(tokens, layer=slot.layer, final_norm=slot.final_norm).hidden
-        return objective.loss(unet, latents, {"context": context}, seeds)
+        loss = objective.loss(unet, latents, {"context": context}, seeds)
+        if head is None or not text_trains:
+            return loss
+        said, accuracy = head.loss(context[:, :head_tokens], targets)
+        # Every rank must give the head a gradient (one flat all-reduce), even in a batch of dropped captions.
+        said = said + 0.0 * sum(p.sum() for p in head.parameters())
+        parts = {"diffusion": loss.item(), "text_attributes": said.item(),
+                 "text_cell_shape": accuracy.get("cell_shape", float("nan"))}
+        return loss + head_weight * said, parts
 
-    trainable = ["unet"] + (["text_encoder"] if train_text_encoder else [])
+    trainable = ["unet"] + (["text_encoder"] if train_text_encoder else []) + (["head"] if head is not None else [])
+    head_weight = float(opts.get("text_attribute_weight", 0.0))
 
     eval_every, eval_n = int(opts.get("eval_every", 0)), int(opts.get("eval_n", 24))
 
@@ -313,16 +329,65 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
         if eval_every and step % eval_every == 0:
             _log_adherence(sd, recipe, step, stage_dir, eval_n)
 
-    trainer = Trainer(stage_dir, cfg, {"unet": unet, "text_encoder": te}, trainable, make_batch, compute_loss,
-                      sample=sample if recipe.sample_prompts else None, ema_modules=trainable, dist_info=dist,
-                      device=device, progress=progress)
+    modules = {"unet": unet, "text_encoder": te, **({"head": head} if head is not None else {})}
+    trainer = Trainer(stage_dir, cfg, modules, trainable, make_batch, compute_loss,
+                      sample=sample if recipe.sample_prompts else None,
+                      ema_modules=[n for n in trainable if n != "head"], dist_info=dist, device=device,
+                      progress=progress)
     if train_text_encoder and text_lr_scale != 1.0:
         _scale_module_lr(trainer, te, text_lr_scale)
     complete = trainer.run() >= cfg.steps
     if complete:
-        _finish(trainer, stage_dir, trainable, {"latent_scale": str(scale)})
+        _finish(trainer, stage_dir, [n for n in trainable if n != "head"], {"latent_scale": str(scale)})
     barrier(dist)
     return complete
+
+
+def _attribute_head(recipe: Recipe, run_dir: Path, opts: dict, te, device) -> tuple[nn.Module | None, int]:
+    """The text stage's attribute head, for `text_attribute_weight` > 0 (else None), and how many token
+    states it reads.
+
+    Trained with the U-Net at 0.1x the learning rate, the text encoder draws shapes better and says less
+    exactly which object goes where (builtin18 of docs/builtin-experiments.md); held still, the reverse
+    (builtin19). Keeping the text stage's loss on, at `text_attribute_weight`, lets the encoder adapt to
+    the U-Net while it goes on saying what the caption means.
+    """
+    from kuas.training.attributes import AttributeHead
+
+    weight = float(opts.get("text_attribute_weight", 0.0))
+    if weight < 0:
+        raise InvalidInputError(f"recipe {recipe.name!r}, stage 'unet': text_attribute_weight must be >= 0, "
+                                f"got {weight}")
+    if weight == 0:
+        return None, 0
+    text_dir = run_dir / "text"
+    where = (f"recipe {recipe.name!r}, stage 'unet': text_attribute_weight needs the text stage's attribute "
+             f"head in {text_dir / 'weights.safetensors'}")
+    if recipe.data.get("kind", "world") != "world" or not _done(text_dir):
+        raise InvalidInputError(f"{where}; train with world data and a 'text' stage, or set it to 0")
+    from kuas.checkpoints.safetensors_io import read_safetensors
+
+    saved = read_safetensors(text_dir / "weights.safetensors")
+    if not any(k.startswith("head.") for k in saved):
+        raise InvalidInputError(f"{where}, and that file has none (written before heads were kept); train "
+                                f"the text stage again, or set it to 0")
+    head = AttributeHead(te.config.width, layout=saved.metadata.get("cell_targets", "shape_or_empty"))
+    head.load_state_dict({k[len("head."):]: v.clone() for k, v in saved.items() if k.startswith("head.")})
+    keep = int(saved.metadata.get("context_tokens", te.config.context_length))
+    return head.to(device).train(), keep
+
+
+def _attribute_targets(head, scenes: list, drops) -> dict[str, Tensor]:
+    """The head's targets for a batch; a dropped (empty) caption says nothing, so all its targets are ignored."""
+    from kuas.training.attributes import IGNORE, scene_targets
+
+    if any(s is None for s in scenes):
+        raise InvalidInputError("text_attribute_weight needs world scenes for every training sample")
+    targets = scene_targets(scenes, head.layout)
+    dropped = torch.tensor([bool(d) for d in drops])
+    for v in targets.values():
+        v[dropped] = IGNORE
+    return targets
 
 
 def _add_prep_seconds(stage_dir: Path, seconds: float) -> None:
