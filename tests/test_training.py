@@ -764,6 +764,8 @@ def test_unet_stage_text_attribute_weight_keeps_the_text_stage_loss_on(tmp_path)
     assert all("text_attributes" not in rec for rec in frozen)
     with pytest.raises(InvalidInputError, match="text_attribute_weight must be >= 0"):
         run("negative", text_lr_scale=0.1, text_attribute_weight=-1)
+    with pytest.raises(InvalidInputError, match="set text_lr_scale > 0 or the weight to 0"):
+        run("still", text_lr_scale=0.0, text_attribute_weight=w)
     old = tmp_path / "old"
     shutil.copytree(base, old / "run")
     save_safetensors(old / "run" / "text" / "weights.safetensors",

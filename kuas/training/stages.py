@@ -269,7 +269,7 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
         raise InvalidInputError(f"recipe {recipe.name!r}, stage 'unet': {e}") from None
     cfg = recipe.loop("unet")
     p_drop = float(opts.get("cfg_dropout", 0.1))
-    head, head_tokens = _attribute_head(recipe, run_dir, opts, te, device) if train_text_encoder else (None, 0)
+    head, head_tokens = _attribute_head(recipe, run_dir, opts, te, device, train_text_encoder)
 
     cache = None
     if int(opts.get("latent_cache", 0)) and recipe.data.get("kind", "world") == "world":
@@ -295,7 +295,7 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
             images = torch.stack([it.image for it in items]).to(device)
             with torch.no_grad():
                 latents = (vae.encode(images).mean * scale).contiguous(memory_format=memory_format)
-            texts, scenes = [it.caption for it in items], [getattr(it, "scene", None) for it in items]
+            texts, scenes = [it.caption for it in items], [it.scene for it in items]
         seeds = [sample_seed(cfg.seed, i) for i in indices]
         drops = dropout_mask(seeds, p_drop)
         captions = ["" if drop else t for t, drop in zip(texts, drops)]
@@ -343,7 +343,8 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
     return complete
 
 
-def _attribute_head(recipe: Recipe, run_dir: Path, opts: dict, te, device) -> tuple[nn.Module | None, int]:
+def _attribute_head(recipe: Recipe, run_dir: Path, opts: dict, te, device,
+                    text_trains: bool) -> tuple[nn.Module | None, int]:
     """The text stage's attribute head, for `text_attribute_weight` > 0 (else None), and how many token
     states it reads.
 
@@ -360,6 +361,9 @@ def _attribute_head(recipe: Recipe, run_dir: Path, opts: dict, te, device) -> tu
                                 f"got {weight}")
     if weight == 0:
         return None, 0
+    if not text_trains:
+        raise InvalidInputError(f"recipe {recipe.name!r}, stage 'unet': text_attribute_weight trains the text "
+                                f"encoder, which text_lr_scale 0 holds still; set text_lr_scale > 0 or the weight to 0")
     text_dir = run_dir / "text"
     where = (f"recipe {recipe.name!r}, stage 'unet': text_attribute_weight needs the text stage's attribute "
              f"head in {text_dir / 'weights.safetensors'}")
