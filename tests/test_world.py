@@ -192,6 +192,30 @@ def test_segmentation_labels_match_the_object_pixels():
             assert np.all(img[_interior(labels == 0)] == PALETTE[scene.background])
 
 
+def test_segmentation_labels_are_the_majority_label_of_each_pixels_subpixels():
+    """The labels equal a per-label count over each pixel's 4x4 subpixels (lowest label on a tie), computed
+    here the slow obvious way from the same supersampled drawing."""
+    import importlib
+
+    from PIL import ImageDraw
+
+    rm = importlib.import_module("kuas.world.render")  # the package exports `render`, the function
+    s = rm.SUPERSAMPLE
+    ties = 0
+    for scene in _scenes(60, start=900):
+        size = 32
+        lab = Image.new("L", (size * s, size * s), 0)
+        draw = ImageDraw.Draw(lab)
+        for i, obj in rm._ordered(scene):
+            rm._draw_object(draw, obj, size * s, i + 1)
+        blocks = np.asarray(lab).reshape(size, s, size, s)
+        counts = np.stack([(blocks == k).sum(axis=(1, 3)) for k in range(len(scene.objects) + 1)])
+        top = np.sort(counts, axis=0)
+        ties += int(((top[-1] == top[-2]) & (top[-1] > 0)).sum()) if len(counts) > 1 else 0
+        assert np.array_equal(segmentation_labels(scene, size), counts.argmax(axis=0).astype(np.uint8))
+    assert ties > 0  # the tie rule was exercised
+
+
 def test_depth_is_brighter_for_nearer_objects():
     front = Obj(
         "circle", "red", "large", "in the center", (0.5, 0.5), object_radius("circle", "large"), depth=1
