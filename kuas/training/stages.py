@@ -40,12 +40,17 @@ def _save_weights(stage_dir: Path, modules: dict[str, nn.Module], extra: dict[st
     save_safetensors(stage_dir / "weights.safetensors", tensors, dict(extra or {}))
 
 
+def _module_state(saved, name: str) -> dict[str, Tensor]:
+    """The tensors `_save_weights` wrote for module `name`, with its prefix stripped."""
+    prefix = name + "."
+    return {k[len(prefix):]: v.clone() for k, v in saved.items() if k.startswith(prefix)}
+
+
 def _load_weights(stage_dir: Path, name: str, module: nn.Module) -> dict[str, str]:
     from kuas.checkpoints.safetensors_io import read_safetensors
 
     sd = read_safetensors(stage_dir / "weights.safetensors")
-    prefix = name + "."
-    module.load_state_dict({k[len(prefix):]: v.clone() for k, v in sd.items() if k.startswith(prefix)})
+    module.load_state_dict(_module_state(sd, name))
     return sd.metadata
 
 
@@ -269,7 +274,8 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
         raise InvalidInputError(f"recipe {recipe.name!r}, stage 'unet': {e}") from None
     cfg = recipe.loop("unet")
     p_drop = float(opts.get("cfg_dropout", 0.1))
-    head, head_tokens = _attribute_head(recipe, run_dir, opts, te, device, train_text_encoder)
+    head_weight = float(opts.get("text_attribute_weight", 0.0))
+    head, head_tokens = _attribute_head(recipe, run_dir, head_weight, te, device, train_text_encoder)
 
     cache = None
     if int(opts.get("latent_cache", 0)) and recipe.data.get("kind", "world") == "world":
@@ -320,7 +326,6 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
         return loss + head_weight * said, parts
 
     trainable = ["unet"] + (["text_encoder"] if train_text_encoder else []) + (["head"] if head is not None else [])
-    head_weight = float(opts.get("text_attribute_weight", 0.0))
 
     eval_every, eval_n = int(opts.get("eval_every", 0)), int(opts.get("eval_n", 24))
 
@@ -343,10 +348,10 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
     return complete
 
 
-def _attribute_head(recipe: Recipe, run_dir: Path, opts: dict, te, device,
+def _attribute_head(recipe: Recipe, run_dir: Path, weight: float, te, device,
                     text_trains: bool) -> tuple[nn.Module | None, int]:
-    """The text stage's attribute head, for `text_attribute_weight` > 0 (else None), and how many token
-    states it reads.
+    """The text stage's attribute head, for `text_attribute_weight` (`weight`) > 0 (else None), and how
+    many token states it reads.
 
     Trained with the U-Net at 0.1x the learning rate, the text encoder draws shapes better and says less
     exactly which object goes where (builtin18 of docs/builtin-experiments.md); held still, the reverse
@@ -355,7 +360,6 @@ def _attribute_head(recipe: Recipe, run_dir: Path, opts: dict, te, device,
     """
     from kuas.training.attributes import AttributeHead
 
-    weight = float(opts.get("text_attribute_weight", 0.0))
     if weight < 0:
         raise InvalidInputError(f"recipe {recipe.name!r}, stage 'unet': text_attribute_weight must be >= 0, "
                                 f"got {weight}")
@@ -376,7 +380,7 @@ def _attribute_head(recipe: Recipe, run_dir: Path, opts: dict, te, device,
         raise InvalidInputError(f"{where}, and that file has none (written before heads were kept); train "
                                 f"the text stage again, or set it to 0")
     head = AttributeHead(te.config.width, layout=saved.metadata.get("cell_targets", "shape_or_empty"))
-    head.load_state_dict({k[len("head."):]: v.clone() for k, v in saved.items() if k.startswith("head.")})
+    head.load_state_dict(_module_state(saved, "head"))
     keep = int(saved.metadata.get("context_tokens", te.config.context_length))
     return head.to(device).train(), keep
 
@@ -385,8 +389,6 @@ def _attribute_targets(head, scenes: list, drops) -> dict[str, Tensor]:
     """The head's targets for a batch; a dropped (empty) caption says nothing, so all its targets are ignored."""
     from kuas.training.attributes import IGNORE, scene_targets
 
-    if any(s is None for s in scenes):
-        raise InvalidInputError("text_attribute_weight needs world scenes for every training sample")
     targets = scene_targets(scenes, head.layout)
     dropped = torch.tensor([bool(d) for d in drops])
     for v in targets.values():
