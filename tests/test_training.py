@@ -290,6 +290,77 @@ def test_latent_cache_matches_encoding_and_rewords_captions(tmp_path):
     assert len({x[1] for x in same_scene}) > 1  # ... with different wording
 
 
+def test_latent_cache_refuses_latents_of_other_scenes(tmp_path):
+    """Chunks record the scene settings they were encoded from; a cache folder built from another scene
+    mix (or seed, or size) is refused with the fix, not trained against the wrong captions. Chunks written
+    before the record existed are still read."""
+    from kuas.checkpoints.safetensors_io import read_safetensors, read_safetensors_header, save_safetensors
+    from kuas.errors import InvalidInputError
+    from kuas.models.vae import AutoencoderKL, VAEConfig
+    from kuas.training.data import LatentCache, WorldSource
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_num_groups=4)).eval()
+    cpu = torch.device("cpu")
+    LatentCache(tmp_path, WorldSource(size=32, seed=3), n=4).build(vae, cpu)
+    chunk = tmp_path / "latents-00000.safetensors"
+    recorded = json.loads(read_safetensors_header(chunk)[1]["scenes"])
+    assert recorded == {"split": "train", "size": 32, "seed": 3, "kind_weights": [0.4, 0.35, 0.25],
+                        "count_layout": "free"}
+    same = LatentCache(tmp_path, WorldSource(size=32, seed=3), n=4)
+    same.build(vae, cpu)
+    same.load()
+    for other in (WorldSource(size=32, seed=3, kind_weights=(0, 0, 1)), WorldSource(size=32, seed=4),
+                  WorldSource(size=64, seed=3), WorldSource(size=32, seed=3, count_layout="grid")):
+        cache = LatentCache(tmp_path, other, n=4)
+        with pytest.raises(InvalidInputError, match="encoded from other scenes.*delete that folder"):
+            cache.build(vae, cpu)
+        with pytest.raises(InvalidInputError, match="encoded from other scenes.*delete that folder"):
+            cache.load()
+    save_safetensors(chunk, read_safetensors(chunk), {"first": "0"})  # as written before the record
+    old = LatentCache(tmp_path, WorldSource(size=32, seed=3, kind_weights=(0, 0, 1)), n=4)
+    old.load()
+    assert old.latents.shape == (4, 4, 4, 4)
+
+
+def test_unet_stage_kind_weights_sets_its_own_scene_mix(tmp_path):
+    """`stages.unet.kind_weights` draws the U-Net stage's scenes in that mix (here counting scenes only)
+    while the recipe's data, which the VAE and text stages read, keeps its own; bad weights and non-world
+    data are refused with the option named."""
+    import copy
+
+    from kuas.errors import InvalidInputError
+    from kuas.training import stages
+    from kuas.training.data import LatentCache
+    from kuas.training.distributed import DistInfo
+    from kuas.training.recipe import Recipe
+
+    spec = copy.deepcopy(TINY_RECIPE)
+    spec["sample_prompts"] = []
+    spec["stages"]["unet"]["loop"].update(steps=1, save_every=0)
+    spec["stages"]["unet"].update(kind_weights=[0, 0, 1], latent_cache=8)
+    cpu = torch.device("cpu")
+    recipe = Recipe(**spec)
+    stages.train_vae(recipe, tmp_path, dist=DistInfo(), device=cpu, progress=False)
+    stages.train_unet(recipe, tmp_path, dist=DistInfo(), device=cpu, progress=False)
+    assert "kind_weights" not in recipe.data
+    cache = LatentCache(tmp_path / "unet" / "latents", stages.make_source(stages._unet_data(recipe, {})), n=8)
+    with pytest.raises(InvalidInputError, match="other scenes"):  # not the recipe's own mix ...
+        cache.load()
+    source = stages.make_source({**stages._unet_data(recipe, recipe.stage_options("unet")), "size": 32})
+    cache = LatentCache(tmp_path / "unet" / "latents", source, n=8)
+    cache.load()  # ... but the stage's
+    assert all(cache.item(i, with_scene=True)[2].kind == "count" for i in range(8))
+    bad = copy.deepcopy(spec)
+    bad["stages"]["unet"]["kind_weights"] = [1, -1, 0]
+    with pytest.raises(InvalidInputError, match="stage 'unet': kind weights must be three non-negative"):
+        stages._unet_data(Recipe(**bad), Recipe(**bad).stage_options("unet"))
+    folder = copy.deepcopy(spec)
+    folder["data"] = {"kind": "folder", "path": str(tmp_path)}
+    with pytest.raises(InvalidInputError, match="kind_weights sets the mix of world scenes"):
+        stages._unet_data(Recipe(**folder), Recipe(**folder).stage_options("unet"))
+
+
 @pytest.mark.parametrize("echo", [1, 2])
 def test_vae_data_echo_renders_each_scene_once_per_group(tmp_path, monkeypatch, echo):
     """`data_echo` k: k consecutive steps crop the same rendered scenes (each with its own crop)."""

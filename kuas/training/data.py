@@ -8,6 +8,7 @@ and counted, never crash a run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -42,6 +43,12 @@ class WorldSource:
         self.dataset = WorldDataset(split=split, size=size, seed=seed, length=2**62, canonical_prob=canonical_prob,
                                     kind_weights=kind_weights, count_layout=count_layout)
         self.size = size
+
+    def scene_settings(self) -> dict[str, Any]:
+        """What decides item i's scene and image (not its caption wording): a latent cache records it."""
+        d = self.dataset
+        return {"split": d.split, "size": self.size, "seed": d.seed, "kind_weights": list(d.kind_weights),
+                "count_layout": d.count_layout}
 
     def item(self, index: int, *, image: bool = True) -> Item:
         from kuas.world import render
@@ -172,6 +179,7 @@ class LatentCache:
         if precision not in ("fp32", "bf16"):
             raise InvalidInputError(f"latent cache precision must be fp32 or bf16, not {precision!r}")
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._check_scenes()
         chunks = [k for k in range(rank, -(-self.n // self.CHUNK), world_size) if not self._chunk_path(k).is_file()]
         it = chunks
         if progress and chunks:
@@ -186,11 +194,29 @@ class LatentCache:
                 images = images.to(device).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                     out.append(vae.encode(images).mean.float().cpu())
-            save_safetensors(self._chunk_path(k), {"latents": torch.cat(out).half()}, {"first": str(idx.start)})
+            save_safetensors(self._chunk_path(k), {"latents": torch.cat(out).half()},
+                             {"first": str(idx.start), "scenes": self._scenes_json()})
+
+    def _scenes_json(self) -> str:
+        return json.dumps(self.source.scene_settings(), sort_keys=True)
+
+    def _check_scenes(self) -> None:
+        """Refuse chunks encoded from other scenes (another seed, size or scene mix): their latents would be
+        trained against this source's captions. Chunks written before the record existed are taken as they are."""
+        from kuas.checkpoints.safetensors_io import read_safetensors_header
+
+        want = self._scenes_json()
+        for path in sorted(self.folder.glob("latents-*.safetensors")):
+            had = read_safetensors_header(path)[1].get("scenes")
+            if had is not None and had != want:
+                raise InvalidInputError(
+                    f"latent cache {self.folder} was encoded from other scenes ({had}) than this stage draws "
+                    f"({want}); delete that folder to encode the latents again")
 
     def load(self) -> None:
         from kuas.checkpoints.safetensors_io import read_safetensors
 
+        self._check_scenes()
         parts = [read_safetensors(self._chunk_path(k))["latents"] for k in range(-(-self.n // self.CHUNK))]
         self.latents = torch.cat(parts).float()
 

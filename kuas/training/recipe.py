@@ -26,7 +26,7 @@ STAGE_OPTIONS = {
     "text": ("cell_targets", "context_tokens"),
     "unet": ("cfg_dropout", "min_snr_gamma", "snr_offset", "timestep_importance", "text_lr_scale",
              "text_freeze_steps", "text_attribute_weight", "gradient_checkpointing", "channels_last",
-             "eval_every", "eval_n", "latent_cache", "latent_cache_precision"),
+             "eval_every", "eval_n", "latent_cache", "latent_cache_precision", "kind_weights"),
 }
 
 # The data settings each data kind reads (kuas.training.data.make_source), refused otherwise likewise.

@@ -231,7 +231,7 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
     _load_weights(run_dir / "vae", "vae", sd.vae)
     if _done(run_dir / "text"):
         _load_weights(run_dir / "text", "text_encoder", sd.text_encoder)
-    source = make_source({**recipe.data, "size": recipe.resolution})
+    source = make_source({**_unet_data(recipe, opts), "size": recipe.resolution})
     scale_file = stage_dir / "latent_scale.json"
     if scale_file.is_file():
         scale = json.loads(scale_file.read_text())["latent_scale"]
@@ -346,6 +346,25 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
         _finish(trainer, stage_dir, [n for n in trainable if n != "head"], {"latent_scale": str(scale)})
     barrier(dist)
     return complete
+
+
+def _unet_data(recipe: Recipe, opts: dict) -> dict:
+    """The U-Net stage's data: the recipe's, with the stage's own scene mix (`kind_weights`) where it sets one,
+    so that the U-Net can train on more of what it draws worst (counting) while the VAE and text stages keep
+    the scenes they learned from."""
+    from kuas.world import normalize_kind_weights
+
+    data = dict(recipe.data)
+    if "kind_weights" in opts:
+        if data.get("kind", "world") != "world":
+            raise InvalidInputError(f"recipe {recipe.name!r}, stage 'unet': kind_weights sets the mix of world "
+                                    f"scenes; remove it for {data.get('kind')!r} data")
+        try:
+            normalize_kind_weights(opts["kind_weights"])
+        except InvalidInputError as e:
+            raise InvalidInputError(f"recipe {recipe.name!r}, stage 'unet': {e}") from None
+        data["kind_weights"] = opts["kind_weights"]
+    return data
 
 
 def _attribute_head(recipe: Recipe, run_dir: Path, weight: float, te, device,
