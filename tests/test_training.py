@@ -845,3 +845,17 @@ def test_unet_stage_text_attribute_weight_keeps_the_text_stage_loss_on(tmp_path)
         s = copy.deepcopy(spec)
         s["stages"]["unet"].update(text_lr_scale=0.1, text_attribute_weight=w)
         stages.train_unet(Recipe(**s), old / "run", dist=DistInfo(), device=cpu, progress=False)
+
+
+def test_every_recipe_setting_is_documented():
+    """docs/training.md names every setting a recipe may hold (top level, data, loop, each stage)."""
+    import dataclasses
+
+    from kuas.training.recipe import DATA_OPTIONS, STAGE_OPTIONS, Recipe
+
+    text = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    names = {f.name for f in dataclasses.fields(Recipe)} | {f.name for f in dataclasses.fields(LoopConfig)}
+    names |= {o for opts in (*STAGE_OPTIONS.values(), *DATA_OPTIONS.values()) for o in opts}
+    names -= {"extra"}  # LoopConfig's catch-all, not a recipe key
+    missing = sorted(n for n in names if f"`{n}`" not in text)
+    assert not missing, f"document these recipe settings in docs/training.md: {missing}"
