@@ -344,10 +344,11 @@ def test_unet_stage_kind_weights_sets_its_own_scene_mix(tmp_path):
     stages.train_vae(recipe, tmp_path, dist=DistInfo(), device=cpu, progress=False)
     stages.train_unet(recipe, tmp_path, dist=DistInfo(), device=cpu, progress=False)
     assert "kind_weights" not in recipe.data
-    cache = LatentCache(tmp_path / "unet" / "latents", stages.make_source(stages._unet_data(recipe, {})), n=8)
+    size = recipe.resolution
+    cache = LatentCache(tmp_path / "unet" / "latents", stages.make_source({**recipe.data, "size": size}), n=8)
     with pytest.raises(InvalidInputError, match="other scenes"):  # not the recipe's own mix ...
         cache.load()
-    source = stages.make_source({**stages._unet_data(recipe, recipe.stage_options("unet")), "size": 32})
+    source = stages.make_source({**stages._unet_data(recipe, recipe.stage_options("unet")), "size": size})
     cache = LatentCache(tmp_path / "unet" / "latents", source, n=8)
     cache.load()  # ... but the stage's
     assert all(cache.item(i, with_scene=True)[2].kind == "count" for i in range(8))
