@@ -463,6 +463,34 @@ def test_zero_terminal_snr_recipe_trains_on_the_rescaled_schedule_and_says_so(tm
     assert sd.zero_terminal_snr and sd.prediction == "v"
 
 
+def test_recipe_input_perturbation_reaches_the_objective(tmp_path, monkeypatch):
+    import copy
+
+    from kuas.errors import InvalidInputError
+    from kuas.training import stages
+    from kuas.training.recipe import Recipe
+
+    spec = copy.deepcopy(TINY_RECIPE)
+    spec["sample_prompts"] = []
+    del spec["stages"]["text"]
+    spec["stages"]["unet"]["input_perturbation"] = 0.1
+    spec["stages"]["unet"]["loop"].update(steps=1, save_every=0)
+    spec["stages"]["vae"]["loop"].update(steps=1, save_every=0)
+    seen = []
+    loss = stages.DenoisingObjective.loss
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.input_perturbation)
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(stages.DenoisingObjective, "loss", spy)
+    stages.run_all(Recipe(**spec), tmp_path / "ok", progress=False, stages=("vae", "unet"))
+    assert seen == [0.1]
+    spec["stages"]["unet"]["input_perturbation"] = 2.0
+    with pytest.raises(InvalidInputError, match="input_perturbation"):
+        stages.run_all(Recipe(**spec), tmp_path / "bad", progress=False, stages=("vae", "unet"))
+
+
 def test_a_stop_ends_the_run_at_the_stage_it_reached(tmp_path, monkeypatch):
     """SIGINT / SIGTERM during a stage saves it and returns: the next stage must not start on the unfinished
     weights (it once went on to the text stage until torchrun killed it)."""
@@ -623,6 +651,47 @@ def test_importance_sampled_timesteps_keep_the_expected_loss(prediction, share):
     for name, losses in batches.items():
         assert losses.mean().item() == pytest.approx(expected, rel=0.05), name
     assert batches["importance"].std() < 0.85 * batches["uniform"].std()  # measured 0.79 (eps), 0.30 / 0.55 (v)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_input_perturbation_moves_the_input_not_the_target(prediction):
+    """Input perturbation (Ning et al. 2023): the model reads sqrt(a) x0 + sqrt(1 - a) (eps + gamma xi) with
+    xi a second per-seed draw, and is scored against the unperturbed eps (or its v)."""
+    from kuas.sampling.schedules import sd_alphas_cumprod
+    from kuas.training.objectives import DenoisingObjective, per_sample_noise, randn_per_sample
+
+    ac = sd_alphas_cumprod()
+    x0 = torch.randn(5, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+    seeds = [7, 8, 9, 10, 11]
+    t, eps = per_sample_noise(seeds, (4, 6, 6), len(ac))
+    a = ac[t].float().view(-1, 1, 1, 1)
+    seen = {}
+
+    def record(name):
+        def model(x, tt, **_):
+            seen[name] = x.clone()
+            return torch.zeros_like(x)
+        return model
+
+    plain = DenoisingObjective(ac, prediction=prediction, min_snr_gamma=None)
+    ip = DenoisingObjective(ac, prediction=prediction, min_snr_gamma=None, input_perturbation=0.1)
+    zero = DenoisingObjective(ac, prediction=prediction, min_snr_gamma=None, input_perturbation=0.0)
+    l_plain = plain.loss(record("plain"), x0, {}, seeds)
+    l_ip = ip.loss(record("ip"), x0, {}, seeds)
+    assert zero.loss(record("zero"), x0, {}, seeds).item() == l_plain.item()
+    assert torch.equal(seen["zero"], seen["plain"])
+    xi = randn_per_sample(seeds, (4, 6, 6), salt=0x1B9)
+    assert torch.allclose(seen["plain"], a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-6)
+    assert torch.allclose(seen["ip"] - seen["plain"], 0.1 * (1 - a).sqrt() * xi, atol=1e-6)
+    assert xi.std().item() == pytest.approx(1.0, abs=0.15) and (xi - eps).abs().mean() > 0.5  # its own draw
+    # a zero prediction scores the target itself: the same loss whatever the input
+    assert l_ip.item() == pytest.approx(l_plain.item(), rel=1e-6)
+    # per seed, not per batch: the same inputs when the batch is split across ranks
+    ip.loss(record("first"), x0[:2], {}, seeds[:2])
+    ip.loss(record("rest"), x0[2:], {}, seeds[2:])
+    assert torch.allclose(torch.cat([seen["first"], seen["rest"]]), seen["ip"], atol=1e-6)
+    with pytest.raises(ValueError, match="input_perturbation"):
+        DenoisingObjective(ac, input_perturbation=-0.1)
 
 
 def test_importance_sampling_needs_weights_and_a_share_in_range():

@@ -72,6 +72,11 @@ class DenoisingObjective:
     SD's schedule, v-prediction and gamma 5 the weights average 0.29 and a uniform batch of n samples is
     worth about 0.56 n of those ((E w)^2 / E w^2). Less variance overall, but high-noise timesteps (where
     the layout is decided) get few samples: positions were learned far later at 1 (builtin12).
+
+    `input_perturbation` (gamma, Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion
+    Models"; diffusers' `--input_perturbation`) noises the model's input with eps + gamma * xi (xi a
+    second standard normal draw per sample) while the target keeps eps alone: at sampling time the model
+    reads latents its own earlier errors have moved, and this trains it on inputs moved like that.
     """
 
     alphas_cumprod: Tensor
@@ -79,6 +84,7 @@ class DenoisingObjective:
     min_snr_gamma: float | None = 5.0
     snr_offset: float = 0.0
     timestep_importance: float = 0.0
+    input_perturbation: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prediction not in ("eps", "v"):
@@ -87,6 +93,8 @@ class DenoisingObjective:
             raise ValueError(f"timestep_importance must be in [0, 1], not {self.timestep_importance!r}")
         if self.timestep_importance > 0 and self.min_snr_gamma is None:
             raise ValueError("timestep_importance draws timesteps by their min-SNR weight: set min_snr_gamma too")
+        if not 0.0 <= self.input_perturbation <= 1.0:
+            raise ValueError(f"input_perturbation must be in [0, 1] (0.1 is usual), not {self.input_perturbation!r}")
         # both depend only on the settings: computed once, not at every training step
         self._weights: Tensor | None = None
         if self.min_snr_gamma is not None:
@@ -118,7 +126,11 @@ class DenoisingObjective:
         t, noise = per_sample_noise(seeds, tuple(x0.shape[1:]), len(self.alphas_cumprod), t_probs=probs)
         t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
         a = self.alphas_cumprod.to(x0.device)[t].float().view(-1, *([1] * (x0.ndim - 1)))
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        seen = noise
+        if self.input_perturbation > 0:  # a draw of its own per seed: the same on any batch split
+            xi = randn_per_sample(seeds, tuple(x0.shape[1:]), salt=0x1B9).to(x0.device, x0.dtype)
+            seen = noise + self.input_perturbation * xi
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * seen
         target = noise if self.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
         pred = model(xt, t, **cond)
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, x0.ndim)))

@@ -24,8 +24,8 @@ STAGES = ("vae", "text", "unet")
 STAGE_OPTIONS = {
     "vae": ("crop", "loss", "data_echo", "gradient_checkpointing"),
     "text": ("cell_targets", "context_tokens"),
-    "unet": ("cfg_dropout", "min_snr_gamma", "snr_offset", "timestep_importance", "text_lr_scale",
-             "text_freeze_steps", "text_attribute_weight", "gradient_checkpointing", "channels_last",
+    "unet": ("cfg_dropout", "min_snr_gamma", "snr_offset", "timestep_importance", "input_perturbation",
+             "text_lr_scale", "text_freeze_steps", "text_attribute_weight", "gradient_checkpointing", "channels_last",
              "eval_every", "eval_n", "latent_cache", "latent_cache_precision", "kind_weights"),
 }
 

@@ -269,7 +269,8 @@ def train_unet(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
         objective = DenoisingObjective(alphas_cumprod.to(device), prediction=recipe.prediction,
                                        min_snr_gamma=opts.get("min_snr_gamma", 5.0),
                                        snr_offset=float(opts.get("snr_offset", 0.0)),
-                                       timestep_importance=float(opts.get("timestep_importance", 0.0)))
+                                       timestep_importance=float(opts.get("timestep_importance", 0.0)),
+                                       input_perturbation=float(opts.get("input_perturbation", 0.0)))
     except ValueError as e:
         raise InvalidInputError(f"recipe {recipe.name!r}, stage 'unet': {e}") from None
     cfg = recipe.loop("unet")
