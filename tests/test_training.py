@@ -235,6 +235,10 @@ from kuas.training.distributed import exit_rank, init_distributed, shutdown_dist
 info = init_distributed(torch.device("cpu"))
 t = _toy_trainer(Path({run!r}), steps=4, batch=8)
 t.dist = info
+if info.rank == 1:  # as if rank 1 had initialised from its own random state: the run must start from rank 0's
+    with torch.no_grad():
+        for p in t.modules["model"].parameters():
+            p.add_(0.5)
 t.run(resume=False)
 if info.is_main:
     torch.save(t.modules["model"].state_dict(), {out!r})
@@ -783,6 +787,32 @@ def test_text_stage_context_tokens_keeps_the_causal_states_and_refuses_cut_capti
     with pytest.raises(InvalidInputError, match="context_tokens must be 2..77, not 78"):
         stages.train_text(Recipe(**spec), tmp_path / "c", dist=stages.DistInfo(), device=torch.device("cpu"),
                           progress=False)
+
+
+def test_text_stage_repeats_exactly_whatever_the_process_random_state(tmp_path):
+    """The text stage's attribute head is initialised from the recipe's seed, not from the process's own
+    random state (torch seeds every process differently): the same recipe gives the same weights twice."""
+    import copy
+
+    from kuas.checkpoints.safetensors_io import read_safetensors
+    from kuas.training import stages
+    from kuas.training.recipe import Recipe
+
+    spec = copy.deepcopy(TINY_RECIPE)
+    weights = []
+    for run, state in (("a", 1), ("b", 2)):
+        torch.manual_seed(state)  # another process, another global random state
+        assert stages.train_text(Recipe(**spec), tmp_path / run, dist=stages.DistInfo(),
+                                 device=torch.device("cpu"), progress=False)
+        weights.append(read_safetensors(tmp_path / run / "text" / "weights.safetensors"))
+    a, b = weights
+    assert any(k.startswith("head.") for k in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    spec["seed"] = 1  # the seed is what decides it
+    assert stages.train_text(Recipe(**spec), tmp_path / "c", dist=stages.DistInfo(),
+                             device=torch.device("cpu"), progress=False)
+    c = read_safetensors(tmp_path / "c" / "text" / "weights.safetensors")
+    assert not torch.equal(a["head.queries"], c["head.queries"])
 
 
 def test_unet_stage_text_freeze_steps_holds_the_text_encoder_then_trains_it(tmp_path):

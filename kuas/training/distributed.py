@@ -86,6 +86,19 @@ def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
         offset += n
 
 
+def broadcast_from_main(tensors: list[torch.Tensor], info: DistInfo) -> None:
+    """Overwrite each tensor (in place) with rank 0's, so that every rank starts from the same weights.
+
+    Ranks that build their modules alike still differ wherever something was initialised from a process's
+    own random state (torch seeds each process differently); averaged gradients would then update
+    different weights on each rank. DistributedDataParallel does the same broadcast when it wraps a module.
+    """
+    if not info.enabled:
+        return
+    for t in tensors:
+        dist.broadcast(t.data, src=0)
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True if `flag` is set on any rank (so every rank stops at the same step)."""
     if not info.enabled:

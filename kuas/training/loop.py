@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kuas.errors import InvalidInputError
-from kuas.training.distributed import DistInfo, any_rank, average_gradients, barrier
+from kuas.training.distributed import DistInfo, any_rank, average_gradients, barrier, broadcast_from_main
 from kuas.training.ema import EMA
 from kuas.training.state import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -215,6 +215,13 @@ class Trainer:
         return True
 
     # -- loop -----------------------------------------------------------------------------------------
+    def _sync_ranks(self) -> None:
+        """Give every rank rank 0's weights and EMA weights (a no-op on one rank and after a resume, where all
+        ranks read the same checkpoint)."""
+        tensors = [t for m in self.modules.values() for t in (*m.parameters(), *m.buffers())]
+        tensors += [t for e in self.emas.values() for t in e.shadow.values()]
+        broadcast_from_main(tensors, self.dist)
+
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
 
@@ -267,6 +274,7 @@ class Trainer:
         """Train until `cfg.steps` or a stop signal; returns the step reached."""
         if resume:
             self.resume()
+        self._sync_ranks()
         barrier(self.dist)
         c = self.cfg
         old_handlers = {}

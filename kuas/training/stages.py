@@ -151,6 +151,9 @@ def _write_reconstructions(vae, source, path: Path, device, n: int = 8) -> None:
 # Stage 2: text encoder pre-training on what world captions mean
 
 
+_TEXT_HEAD_SEED = 0x7E47  # offset from the recipe's seed for the text stage's attribute head
+
+
 def train_text(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool = True) -> bool:
     from kuas.training.attributes import DEFAULT_CELL_TARGETS, AttributeHead, scene_targets
 
@@ -164,7 +167,9 @@ def train_text(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.d
     te = sd.text_encoder.to(device).train().requires_grad_(True)
     slot = sd.slots[0]
     layout = recipe.stages["text"].get("cell_targets", DEFAULT_CELL_TARGETS)
-    head = AttributeHead(te.config.width, layout=layout).to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded like the networks: a rerun of the recipe repeats the stage
+        torch.manual_seed(recipe.seed + _TEXT_HEAD_SEED)
+        head = AttributeHead(te.config.width, layout=layout).to(device)
     source = make_source({**recipe.data, "size": recipe.resolution})
     cfg = recipe.loop("text")
     context = sd.text_encoder.config.context_length
