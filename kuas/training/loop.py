@@ -216,8 +216,8 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------------------
     def _sync_ranks(self) -> None:
-        """Give every rank rank 0's weights and EMA weights (a no-op on one rank and after a resume, where all
-        ranks read the same checkpoint)."""
+        """Give every rank rank 0's weights and EMA weights. Nothing to do on one rank; after a resume every
+        rank already holds the same checkpoint's, so only a fresh start changes anything."""
         tensors = [t for m in self.modules.values() for t in (*m.parameters(), *m.buffers())]
         tensors += [t for e in self.emas.values() for t in e.shadow.values()]
         broadcast_from_main(tensors, self.dist)
