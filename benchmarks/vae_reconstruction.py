@@ -65,8 +65,7 @@ def round_trip(vae, images, batch: int = 32) -> tuple[list, float, float]:
         t0 = time.perf_counter()
         rec = vae.decode(vae.encode(x).mean).float().clamp(-1, 1)
         t += time.perf_counter() - t0
-        rec = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in to_images(rec)]))
-        rec = rec.permute(0, 3, 1, 2) / 127.5 - 1.0  # what is scored: the 8-bit image
+        rec = ((rec + 1) * 127.5).round() / 127.5 - 1.0  # what is scored: the 8-bit image
         se += float((rec - x).square().sum())
         out += to_images(rec)
     mse = se / (len(images) * images[0].size[0] * images[0].size[1] * 3)
