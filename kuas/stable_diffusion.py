@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -246,11 +245,9 @@ class StableDiffusion:
     def model_hash(self) -> str | None:
         """First 10 hex digits of the file's sha256 (A1111's "Model hash"), None for an unsaved model."""
         if self._hash is None and self.path and os.path.isfile(self.path):
-            h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self._hash = h.hexdigest()[:10]
+            from kuas.fileio import sha256_file
+
+            self._hash = sha256_file(self.path)[:10]
         return self._hash
 
     @property
@@ -577,8 +574,27 @@ def load_vae(
 ) -> AutoencoderKL:
     """A VAE from its own file: a VAE-only single file (with or without `first_stage_model.`), a full
     checkpoint (its VAE is taken) or diffusers `vae/` weights."""
-    from kuas.checkpoints.state_dict import SkipMetaInit, load_into, read_state_dict
+    from kuas.checkpoints.state_dict import SkipMetaInit, load_into
     from kuas.models.vae import infer_vae_config
+
+    weights, prefix, cfg = _vae_weights(path)
+    cfg = cfg or infer_vae_config(weights, prefix)
+    with SkipMetaInit():
+        vae = AutoencoderKL(cfg, scale_factor=scale_factor, device="meta")
+    load_into(vae, weights, prefix=prefix, path=path, dtype=dtype, device=device, read_from_file=True)
+    return vae.eval()
+
+
+def vae_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The VAE tensors of a model or VAE file (any layout `load_vae` reads), with the official VAE keys
+    (`encoder.conv_in.weight`, ...): for a caller that knows the config, which shapes alone do not give."""
+    weights, prefix, _ = _vae_weights(path)
+    return {k[len(prefix):]: weights[k] for k in weights if k.startswith(prefix)}
+
+
+def _vae_weights(path: str | os.PathLike):
+    """(tensors, key prefix of the VAE's tensors, config where the layout gives one) of a VAE's file."""
+    from kuas.checkpoints.state_dict import read_state_dict
 
     weights = read_state_dict(path)
     prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in weights) else ""
@@ -586,10 +602,5 @@ def load_vae(
         from kuas.checkpoints.diffusers_keys import diffusers_to_native
 
         converted = diffusers_to_native("vae", weights, None)
-        weights, cfg = converted.tensors, converted.config
-    else:
-        cfg = infer_vae_config(weights, prefix)
-    with SkipMetaInit():
-        vae = AutoencoderKL(cfg, scale_factor=scale_factor, device="meta")
-    load_into(vae, weights, prefix=prefix, path=path, dtype=dtype, device=device, read_from_file=True)
-    return vae.eval()
+        return converted.tensors, "", converted.config
+    return weights, prefix, None

@@ -959,3 +959,48 @@ def test_every_recipe_setting_is_documented():
     names -= {"extra"}  # LoopConfig's catch-all, not a recipe key
     missing = sorted(n for n in names if f"`{n}`" not in text)
     assert not missing, f"document these recipe settings in docs/training.md: {missing}"
+
+
+def test_vae_from_takes_a_model_files_vae_and_never_overwrites_one(tmp_path):
+    """`kuas train --vae-from MODEL`: the VAE stage is the file's VAE, bit for bit, and is not trained;
+    a run directory that already has VAE weights, a file of other VAE shapes and a missing file are refused."""
+    import copy
+
+    import kuas.cli
+    from kuas.checkpoints.safetensors_io import read_safetensors
+    from kuas.errors import InvalidInputError
+    from kuas.training import stages
+    from kuas.training.recipe import Recipe
+
+    donor = stages.build_model(Recipe(**dict(copy.deepcopy(TINY_RECIPE), seed=5)))
+    donor_file = donor.save(tmp_path / "donor.safetensors", dtype=torch.float32)
+    recipe_file = tmp_path / "tiny.json"
+    recipe_file.write_text(json.dumps(TINY_RECIPE))
+    run = tmp_path / "run"
+    assert kuas.cli.main(["train", "--recipe", str(recipe_file), "--out", str(run), "--stages", "vae",
+                          "--vae-from", str(donor_file), "--no-progress"]) == 0
+    saved = read_safetensors(run / "vae" / "weights.safetensors")
+    donor_vae = donor.vae.state_dict()
+    assert {k[len("vae."):] for k in saved} == set(donor_vae)
+    for k, v in donor_vae.items():
+        assert torch.equal(saved["vae." + k], v), k
+    assert not list((run / "vae").glob("checkpoint-*.pt"))  # taken, not trained
+    assert json.loads((run / "vae" / "source.json").read_text())["from"] == str(donor_file)
+
+    recipe = Recipe(**copy.deepcopy(TINY_RECIPE))
+    stages.take_vae(recipe, run, donor_file)  # the same file again: nothing to do
+    other = stages.build_model(Recipe(**dict(copy.deepcopy(TINY_RECIPE), seed=6))).save(tmp_path / "other.safetensors")
+    with pytest.raises(InvalidInputError, match="already holds VAE weights .*use a new run directory"):
+        stages.take_vae(recipe, run, other)
+    assert torch.equal(read_safetensors(run / "vae" / "weights.safetensors")["vae.encoder.conv_in.weight"],
+                       donor_vae["encoder.conv_in.weight"])
+    wide = dict(copy.deepcopy(TINY_RECIPE), vae={**TINY_RECIPE["vae"], "ch": 16})
+    with pytest.raises(InvalidInputError, match=r"does not have the VAE shapes of recipe 'tiny-test' \(174 tensors "
+                       r"differ, e.g. encoder.conv_in.weight: file \(8, 3, 3, 3\), recipe \(16, 3, 3, 3\)"):
+        stages.take_vae(Recipe(**wide), tmp_path / "run2", donor_file)
+    assert not (tmp_path / "run2" / "vae" / "weights.safetensors").exists()
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        stages.take_vae(recipe, tmp_path / "run3", tmp_path / "missing.safetensors")
+    (run / "vae" / "source.json").unlink()  # as if trained here
+    with pytest.raises(InvalidInputError, match=r"already holds VAE weights \(trained\)"):
+        stages.take_vae(recipe, run, donor_file)

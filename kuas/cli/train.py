@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
     p.add_argument("--data", default=None, help="train on a folder of images with same-name .txt captions")
+    p.add_argument("--vae-from", default=None, metavar="MODEL",
+                   help="take the VAE stage from this model file (its VAE must have the recipe's shapes) instead of "
+                   "training it; e.g. kuas/assets/builtin.safetensors")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -26,9 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from kuas.training.distributed import exit_rank, init_distributed, shutdown_distributed
+    from kuas.training.distributed import barrier, exit_rank, init_distributed, shutdown_distributed
     from kuas.training.recipe import load_recipe
-    from kuas.training.stages import run_all
+    from kuas.training.stages import run_all, take_vae
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -37,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         recipe.data = {"kind": "folder", "path": args.data}
     dist = init_distributed(device)
+    if args.vae_from:  # one process writes the stage; the others wait for it before looking for a VAE
+        if dist.is_main:
+            take_vae(recipe, args.out, args.vae_from)
+        barrier(dist)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())

@@ -137,6 +137,46 @@ def train_vae(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.de
 
 
 @torch.no_grad()
+def take_vae(recipe: Recipe, run_dir: str | Path, model_path: str | Path) -> Path:
+    """Finish the VAE stage with the VAE of an existing model file instead of training one.
+
+    The U-Net learns in a VAE's latent space, so a trained VAE can be reused across runs (the built-in
+    model's experiments reuse the shipped one). The file's VAE must have the recipe's VAE shapes. Writes
+    `run_dir/vae/weights.safetensors` (fp32) and `vae/source.json` naming the file; a run directory whose
+    VAE stage already has weights from elsewhere is refused, so trained weights are never overwritten."""
+    from kuas.fileio import sha256_file
+    from kuas.stable_diffusion import vae_state_dict
+
+    stage_dir = Path(run_dir) / "vae"
+    model_path = Path(model_path)
+    source_file = stage_dir / "source.json"
+    if not model_path.exists():
+        raise InvalidInputError(f"--vae-from: {model_path} does not exist; give a model file or diffusers folder")
+    digest = sha256_file(model_path) if model_path.is_file() else None
+    if _done(stage_dir):
+        prior = json.loads(source_file.read_text()) if source_file.is_file() else None
+        if prior is not None and prior.get("sha256") == digest and digest is not None:
+            return stage_dir / "weights.safetensors"
+        raise InvalidInputError(f"{stage_dir} already holds VAE weights ({'from ' + prior['from'] if prior else 'trained'}); "
+                                "use a new run directory for --vae-from, or drop --vae-from to keep them")
+    theirs = vae_state_dict(model_path)
+    target = build_model(recipe).vae
+    ours = target.state_dict()
+    wrong = [f"{k}: file {tuple(theirs[k].shape) if k in theirs else 'missing'}, recipe {tuple(v.shape)}"
+             for k, v in ours.items() if k not in theirs or theirs[k].shape != v.shape]
+    if wrong:
+        raise InvalidInputError(f"the VAE in {model_path} does not have the VAE shapes of recipe {recipe.name!r} "
+                                f"({len(wrong)} tensors differ, e.g. {wrong[0]}); set the recipe's `vae` config "
+                                "to the file's or train the VAE stage")
+    target.load_state_dict({k: theirs[k].float() for k in ours})
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    _save_weights(stage_dir, {"vae": target}, {"kuas.vae_from": str(model_path)})
+    tmp = source_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"from": str(model_path), "sha256": digest}))
+    tmp.replace(source_file)
+    return stage_dir / "weights.safetensors"
+
+
 def _write_reconstructions(vae, source, path: Path, device, n: int = 8) -> None:
     from PIL import Image
 
