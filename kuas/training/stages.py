@@ -136,7 +136,6 @@ def train_vae(recipe: Recipe, run_dir: Path, *, dist: DistInfo, device: torch.de
     return complete
 
 
-@torch.no_grad()
 def take_vae(recipe: Recipe, run_dir: str | Path, model_path: str | Path) -> Path:
     """Finish the VAE stage with the VAE of an existing model file instead of training one.
 
@@ -177,6 +176,7 @@ def take_vae(recipe: Recipe, run_dir: str | Path, model_path: str | Path) -> Pat
     return stage_dir / "weights.safetensors"
 
 
+@torch.no_grad()
 def _write_reconstructions(vae, source, path: Path, device, n: int = 8) -> None:
     from PIL import Image
 
