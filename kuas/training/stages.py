@@ -151,10 +151,12 @@ def take_vae(recipe: Recipe, run_dir: str | Path, model_path: str | Path) -> Pat
     source_file = stage_dir / "source.json"
     if not model_path.exists():
         raise InvalidInputError(f"--vae-from: {model_path} does not exist; give a model file or diffusers folder")
-    digest = sha256_file(model_path) if model_path.is_file() else None
+    # what makes a rerun of the same command a no-op: a file's bytes, a (diffusers) folder's location
+    source = ({"from": str(model_path), "sha256": sha256_file(model_path)} if model_path.is_file()
+              else {"from": str(model_path.resolve())})
     if _done(stage_dir):
         prior = json.loads(source_file.read_text()) if source_file.is_file() else None
-        if prior is not None and prior.get("sha256") == digest and digest is not None:
+        if prior == source:
             return stage_dir / "weights.safetensors"
         raise InvalidInputError(f"{stage_dir} already holds VAE weights ({'from ' + prior['from'] if prior else 'trained'}); "
                                 "use a new run directory for --vae-from, or drop --vae-from to keep them")
@@ -169,10 +171,10 @@ def take_vae(recipe: Recipe, run_dir: str | Path, model_path: str | Path) -> Pat
                                 "to the file's or train the VAE stage")
     target.load_state_dict({k: theirs[k].float() for k in ours})
     stage_dir.mkdir(parents=True, exist_ok=True)
-    _save_weights(stage_dir, {"vae": target}, {"kuas.vae_from": str(model_path)})
-    tmp = source_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"from": str(model_path), "sha256": digest}))
+    tmp = source_file.with_suffix(".tmp")  # the record first: the weights file is what marks the stage done
+    tmp.write_text(json.dumps(source))
     tmp.replace(source_file)
+    _save_weights(stage_dir, {"vae": target})
     return stage_dir / "weights.safetensors"
 
 
